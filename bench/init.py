@@ -1,0 +1,89 @@
+"""Initial weights: the one place they are drawn, as NumPy arrays with a leading ensemble axis.
+
+Member k of an ensemble is drawn from its own generator `np.random.default_rng(seeds[k])`, parameter
+by parameter in `NetSpec.params()` order, so member k equals the solo run with that seed by
+construction. Both backends are built from these arrays.
+
+Schemes (W: weights (fan_in, fan_out); b: biases; `scale` and `bias_scale` override the defaults):
+  uniform        W, b ~ U(-r, r), r = scale (default 0.3, the 1986 paper's symmetry net)
+  normal         W, b ~ N(0, s^2), s = scale (default 1: the N(0, 1) of Nielsen's text)
+  nielsen        W ~ N(0, 1/fan_in), b ~ N(0, 1) (Nielsen's code, network2.py default_weight_initializer)
+  xavier         W ~ U(+-g sqrt(6/(fan_in+fan_out))), b = 0 (Glorot & Bengio's normalised init), g = scale
+  he             W ~ N(0, g^2 2/fan_in), b = 0, g = scale (default 1)
+  torch_default  W, b ~ U(+-1/sqrt(fan_in)) (nn.Linear's reset_parameters), times scale for W
+  orthogonal     W = g Q with Q orthogonal (QR of a Gaussian, signs fixed), b = 0, g = scale
+  meanfield      W ~ N(0, sigma_w^2/fan_in), b ~ N(0, sigma_b^2), sigma_w = scale (1), sigma_b = bias_scale (0)
+Batch norm's gamma starts at 1 and beta at 0 in every scheme. In a block-diagonal first layer the
+fan_in of a unit is the size of the input block that feeds it, and weights outside the blocks are 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bench.spec import NetSpec
+
+SCHEMES = ("uniform", "normal", "nielsen", "xavier", "he", "torch_default", "orthogonal", "meanfield")
+
+
+def _orthogonal(rng: np.random.Generator, fan_in: int, fan_out: int) -> np.ndarray:
+    a = rng.standard_normal((max(fan_in, fan_out), min(fan_in, fan_out)))
+    q, r = np.linalg.qr(a)
+    q = q * np.sign(np.diag(r))  # make the distribution uniform (Haar), as torch.nn.init.orthogonal_
+    return q if fan_in >= fan_out else q.T
+
+
+def _draw(rng, scheme, shape, fan_in, fan_out, is_bias, scale, bias_scale):
+    """One parameter of one member. `fan_in` may be an array (per column) for block layers."""
+    if scheme == "uniform":
+        r = bias_scale if (is_bias and bias_scale is not None) else (0.3 if scale is None else scale)
+        return rng.uniform(-r, r, shape)
+    if scheme == "normal":
+        s = bias_scale if (is_bias and bias_scale is not None) else (1.0 if scale is None else scale)
+        return rng.normal(0.0, s, shape)
+    g = 1.0 if scale is None else scale
+    if scheme == "nielsen":
+        return rng.normal(0.0, 1.0 if bias_scale is None else bias_scale, shape) if is_bias \
+            else rng.standard_normal(shape) * g / np.sqrt(fan_in)
+    if scheme == "meanfield":
+        return rng.normal(0.0, 1.0, shape) * (bias_scale or 0.0) if is_bias \
+            else rng.standard_normal(shape) * g / np.sqrt(fan_in)
+    if scheme == "torch_default":
+        bound = 1.0 / np.sqrt(fan_in)
+        return rng.uniform(-1.0, 1.0, shape) * bound * (1.0 if is_bias else g)
+    if is_bias:  # xavier, he, orthogonal: zero biases (still no draw, so the stream stays simple)
+        return np.zeros(shape) if bias_scale is None else rng.normal(0.0, bias_scale, shape)
+    if scheme == "xavier":
+        return rng.uniform(-1.0, 1.0, shape) * g * np.sqrt(6.0 / (fan_in + fan_out))
+    if scheme == "he":
+        return rng.standard_normal(shape) * g * np.sqrt(2.0 / fan_in)
+    if scheme == "orthogonal":
+        return g * _orthogonal(rng, *shape)
+    raise ValueError(f"model.init={scheme!r}; valid choices: {', '.join(SCHEMES)}")
+
+
+def init_params(spec: NetSpec, scheme: str, seeds, scale: float | None = None,
+                bias_scale: float | None = None, dtype: str = "float64") -> dict[str, np.ndarray]:
+    """Initial parameters {name: (E, *shape)} for members with the given seeds (E = len(seeds))."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"model.init={scheme!r}; valid choices: {', '.join(SCHEMES)}")
+    spec.check()
+    mask = spec.first_layer_mask()
+    members = []
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        arrays = {}
+        for name, kind, layer, shape in spec.params():
+            fan_in, fan_out = spec.fan(layer - 1) if kind != "direct" else (spec.n_in, spec.n_out)
+            if kind == "gamma":
+                arrays[name] = np.ones(shape)
+            elif kind == "beta":
+                arrays[name] = np.zeros(shape)
+            else:
+                if layer == 1 and mask is not None:  # each unit's fan_in is its own input block
+                    fan_in = mask.sum(0, keepdims=True)
+                is_bias = kind == "bias"
+                value = _draw(rng, scheme, shape, fan_in, fan_out, is_bias, scale, bias_scale)
+                arrays[name] = value * mask if (layer == 1 and mask is not None and not is_bias) else value
+        members.append(arrays)
+    return {name: np.stack([m[name] for m in members]).astype(dtype) for name in members[0]}

@@ -1,0 +1,218 @@
+"""The network in NumPy: forward and hand-written backward, layer by layer.
+
+Each `Layer` keeps its forward and backward side by side: `forward` caches what `backward` needs and
+`backward(grad)` returns the gradient for its input after filling its parameter gradients and its
+delta (dLoss/dz, z the pre-activation before any normalisation). Arrays carry a leading ensemble axis:
+weights (E, fan_in, fan_out), activations (E, B, width); a batch shared by all members is (1, B, width)
+and broadcasts through `np.matmul`.
+
+Notation follows the maths: z = a W + b, n = norm(z), h = phi(n), a' = h (+ a for residual blocks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+from bench.spec import BN_EPS, BN_MOMENTUM, LEAKY_SLOPE, NetSpec
+
+
+def phi(name: str, z: np.ndarray) -> np.ndarray:
+    if name == "sigmoid":
+        return 0.5 * (1.0 + np.tanh(0.5 * z))  # = 1/(1+e^-z) without overflow warnings for large -z
+    if name == "tanh":
+        return np.tanh(z)
+    if name == "relu":
+        return np.maximum(z, 0.0)
+    if name == "leaky_relu":
+        return np.where(z > 0, z, LEAKY_SLOPE * z)
+    if name == "softsign":
+        return z / (1.0 + np.abs(z))
+    if name == "identity":
+        return z
+    raise ValueError(name)
+
+
+def dphi(name: str, z: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """phi'(z), from the cached input z and output h = phi(z), whichever is cheaper."""
+    if name == "sigmoid":
+        return h * (1.0 - h)
+    if name == "tanh":
+        return 1.0 - h * h
+    if name == "relu":
+        return (z > 0).astype(z.dtype)
+    if name == "leaky_relu":
+        return np.where(z > 0, 1.0, LEAKY_SLOPE).astype(z.dtype)
+    if name == "softsign":
+        return 1.0 / (1.0 + np.abs(z)) ** 2
+    raise ValueError(name)
+
+
+DPHI_MAX = {"sigmoid": 0.25, "tanh": 1.0, "relu": 1.0, "leaky_relu": 1.0, "softsign": 1.0}
+SATURATED = 0.05  # a unit is saturated (or dead) where phi'(z) < 5% of the largest phi' can be
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(-1, keepdims=True))  # shift by the max: exp never overflows
+    return e / e.sum(-1, keepdims=True)
+
+
+def loss_value(loss: str, y: np.ndarray, d: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """Per-member loss (E,) of outputs y (logits z for softmax) against targets d, (E | 1, B, n_out)."""
+    if loss == "sse_half":  # 1986: 1/2 sum over cases AND outputs
+        return 0.5 * ((y - d) ** 2).sum((1, 2))
+    if loss == "mse":
+        return ((y - d) ** 2).mean((1, 2))
+    if loss == "cross_entropy":  # mean over cases of -log p(target), with a stable log-softmax
+        shifted = logits - logits.max(-1, keepdims=True)
+        log_p = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+        return -(d * log_p).sum(2).mean(1)
+    raise ValueError(loss)
+
+
+def output_delta(loss: str, output: str, y: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """dLoss/dz for the output layer: loss derivative times the output non-linearity's."""
+    if loss == "cross_entropy":  # softmax + cross-entropy: the Jacobians cancel to (p - d)
+        return (y - d) / y.shape[1]
+    g = y - d if loss == "sse_half" else (2.0 / (y.shape[1] * y.shape[2])) * (y - d)
+    return g * (y * (1.0 - y)) if output == "sigmoid" else g
+
+
+class Layer:
+    """Layer i: z = a W + b (+ x D on the output layer with direct connections), then norm/phi."""
+
+    def __init__(self, spec: NetSpec, i: int, params: dict, grads: dict, buffers: dict):
+        # params/grads/buffers are the network's dicts, shared: the optimizer updates params in place
+        self.i, self.p, self.buf, self.g, self.buffers = i, f"layers.{i}.", params, grads, buffers
+        self.hidden = i < spec.depth
+        self.act = spec.activation if self.hidden else spec.output
+        self.bn = self.hidden and spec.norm == "batchnorm"
+        self.residual = spec.is_residual(i)
+        self.direct = not self.hidden and spec.direct
+        self.mask = spec.first_layer_mask() if i == 0 else None
+
+    def forward(self, a: np.ndarray, x: np.ndarray, train: bool) -> np.ndarray:
+        P = self.p
+        W = self.buf[P + "weight"]
+        z = np.matmul(a, W)  # (E, B, fan_out)
+        if self.direct:
+            z += np.matmul(x, self.buf[P + "direct"])
+        if self.bn:
+            n = self._bn_forward(z, train)
+        else:
+            z += self.buf[P + "bias"]
+            n = z
+        if self.act == "softmax":
+            h = softmax(n)
+        else:
+            h = phi(self.act, n)
+        self.a_in, self.x, self.z, self.n, self.h = a, x, z, n, h
+        return a + h if self.residual else h
+
+    def _bn_forward(self, z, train):
+        P = self.p
+        if train:
+            mu = z.mean(1, keepdims=True)  # (E, 1, w): statistics over the batch, per member
+            var = z.var(1, keepdims=True)
+            B = z.shape[1]
+            m = BN_MOMENTUM
+            self.buffers[P + "running_mean"] = (1 - m) * self.buffers[P + "running_mean"] + m * mu
+            # running variance uses the unbiased batch variance (torch's convention)
+            self.buffers[P + "running_var"] = (1 - m) * self.buffers[P + "running_var"] + m * var * B / (B - 1)
+        else:
+            mu, var = self.buffers[P + "running_mean"], self.buffers[P + "running_var"]
+        self.inv_std = 1.0 / np.sqrt(var + BN_EPS)
+        self.xhat = (z - mu) * self.inv_std
+        return self.buf[P + "gamma"] * self.xhat + self.buf[P + "beta"]
+
+    def backward(self, grad: np.ndarray, need_input_grad: bool, delta_out: np.ndarray | None = None):
+        """grad = dLoss/d(layer output); returns dLoss/d(layer input). Output layer: pass delta_out."""
+        P, G = self.p, self.g
+        if delta_out is not None:
+            dn = delta_out
+        else:
+            dn = grad * dphi(self.act, self.n, self.h)
+        if self.bn:
+            xhat, B = self.xhat, dn.shape[1]
+            G[P + "gamma"] = (dn * xhat).sum(1, keepdims=True)
+            G[P + "beta"] = dn.sum(1, keepdims=True)
+            dxhat = dn * self.buf[P + "gamma"]
+            # the usual batch-norm backward: mean and variance depend on every case in the batch
+            dz = self.inv_std / B * (B * dxhat - dxhat.sum(1, keepdims=True)
+                                     - xhat * (dxhat * xhat).sum(1, keepdims=True))
+        else:
+            dz = dn
+            G[P + "bias"] = dz.sum(1, keepdims=True)
+        self.delta = dz  # (E, B, fan_out)
+        dW = np.matmul(self.a_in.transpose(0, 2, 1), dz)  # (E, fan_in, fan_out)
+        if self.mask is not None:
+            dW *= self.mask  # weights outside the blocks do not exist: keep them at 0
+        G[P + "weight"] = dW
+        if self.direct:
+            G[P + "direct"] = np.matmul(self.x.transpose(0, 2, 1), dz)
+        if not need_input_grad:
+            return None
+        grad_in = np.matmul(dz, self.buf[P + "weight"].transpose(0, 2, 1))
+        return grad_in + grad if self.residual else grad_in
+
+
+class NumpyMLP:
+    """The NumPy network: `params` and `grads` are dicts {name: (E, ...)} in `NetSpec.params()` order."""
+
+    def __init__(self, spec: NetSpec, params: dict[str, np.ndarray], loss: str):
+        spec.check()
+        self.spec, self.loss = spec, loss
+        self.names = [name for name, *_ in spec.params()]
+        self.params = {name: np.array(params[name]) for name in self.names}  # own copies
+        self.grads: dict[str, np.ndarray] = {}
+        E = next(iter(self.params.values())).shape[0]
+        dtype = self.params[self.names[0]].dtype
+        self.buffers = {}
+        if spec.norm == "batchnorm":
+            for i, w in enumerate(spec.widths):
+                self.buffers[f"layers.{i}.running_mean"] = np.zeros((E, 1, w), dtype)
+                self.buffers[f"layers.{i}.running_var"] = np.ones((E, 1, w), dtype)
+        self.layers = [Layer(spec, i, self.params, self.grads, self.buffers) for i in range(spec.n_layers)]
+
+    def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
+        """Outputs (E, B, n_out) for inputs x (E | 1, B, n_in)."""
+        a = x
+        for layer in self.layers:
+            a = layer.forward(a, x, train)
+        return a
+
+    def loss_and_grads(self, x: np.ndarray, d: np.ndarray, record: bool = False):
+        """One training forward and backward: returns (loss (E,), outputs (E, B, n_out))."""
+        y = self.forward(x, train=True)
+        losses = loss_value(self.loss, y, d, self.layers[-1].n)
+        delta = output_delta(self.loss, self.spec.output, y, d)
+        grad = self.layers[-1].backward(None, True, delta_out=delta)
+        for i in range(len(self.layers) - 2, -1, -1):
+            grad = self.layers[i].backward(grad, i > 0)
+        return losses, y
+
+    def evaluate(self, x: np.ndarray, d: np.ndarray):
+        """Evaluation-mode (running batch-norm statistics) loss (E,) and outputs."""
+        y = self.forward(x, train=False)
+        return loss_value(self.loss, y, d, self.layers[-1].n), y
+
+    def layer_stats(self) -> dict[tuple[int, str], dict[str, np.ndarray]]:
+        """Per-layer statistics of the last `loss_and_grads`, each (E,): see `bench.record`."""
+        from bench.record import numpy_layer_stats
+
+        return numpy_layer_stats(self)
+
+    # the few array operations the shared training loop needs, in this backend's types
+    asarray = staticmethod(np.asarray)
+    to_numpy = staticmethod(np.asarray)
+
+    def no_grad(self):
+        return contextlib.nullcontext()
+
+    def reset_member(self, k: int) -> None:
+        """Zero member k's parameters (after it diverged), so it stays finite and costs nothing."""
+        for p in self.params.values():
+            p[k] = 0.0
+        for name, b in self.buffers.items():
+            b[k] = 1.0 if name.endswith("var") else 0.0

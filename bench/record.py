@@ -1,0 +1,137 @@
+"""Per-layer statistics, computed the same way for both backends, gathered into columnar buffers.
+
+For every parameter (rows of the `layers` table) at a logged step, per ensemble member:
+  grad_norm      L2 norm of dLoss/dparam
+  grad_mean_abs  mean |dLoss/dparam| over the parameter's entries (the seed's chart plots this size)
+  weight_norm    L2 norm of the parameter itself
+and for the layer the parameter belongs to (repeated on each of its parameter rows):
+  delta_norm     L2 norm of dLoss/dz over the batch and the layer's units (z = a W + b, before norm)
+  act_mean/std   mean and standard deviation of the layer's activations h = phi(norm(z))
+  act_saturation fraction of units x cases where phi'(z) < 5% of phi's largest slope: a saturated
+                 sigmoid/tanh unit, or a dead (inactive) relu unit; NaN for softmax/identity outputs.
+Entries of a block-diagonal first layer that do not exist (masked to 0) are not counted in means.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+PARAM_STATS = ("grad_norm", "grad_mean_abs", "weight_norm")
+LAYER_STATS = ("delta_norm", "act_mean", "act_std", "act_saturation")
+STATS = PARAM_STATS + LAYER_STATS
+
+
+def _row_layout(spec):
+    """(layer, kind) for every parameter, in order: the rows of one logged step for one member."""
+    return [(layer, kind) for _, kind, layer, _ in spec.params()]
+
+
+def numpy_layer_stats(net) -> np.ndarray:
+    """Statistics of the last backward pass: (n_params, E, len(STATS)) float64."""
+    from bench.numpy_mlp import DPHI_MAX, SATURATED, dphi
+
+    spec = net.spec
+    E = net.params[net.names[0]].shape[0]
+    out = np.empty((len(net.names), E, len(STATS)))
+    per_layer = {}
+    for li, layer in enumerate(net.layers):
+        h = layer.h.reshape(E, -1)
+        delta = layer.delta.reshape(E, -1)
+        if layer.act in DPHI_MAX:
+            sat = (dphi(layer.act, layer.n, layer.h) < SATURATED * DPHI_MAX[layer.act]).reshape(E, -1).mean(1)
+        else:
+            sat = np.full(E, np.nan)
+        per_layer[li + 1] = (np.sqrt((delta * delta).sum(1)), h.mean(1), h.std(1), sat)
+    mask = spec.first_layer_mask()
+    for r, (name, (layer, kind)) in enumerate(zip(net.names, _row_layout(spec))):
+        g = net.grads[name].reshape(E, -1)
+        w = net.params[name].reshape(E, -1)
+        count = mask.sum() if (layer == 1 and kind == "weight" and mask is not None) else g.shape[1]
+        out[r, :, 0] = np.sqrt((g * g).sum(1))
+        out[r, :, 1] = np.abs(g).sum(1) / count
+        out[r, :, 2] = np.sqrt((w * w).sum(1))
+        out[r, :, 3:] = np.stack(per_layer[layer], 1)
+    return out
+
+
+def torch_layer_stats(net) -> np.ndarray:
+    """The same statistics as `numpy_layer_stats`, reduced on the tensors' device, one copy to host."""
+    import torch
+
+    from bench.numpy_mlp import DPHI_MAX, SATURATED
+    from bench.torch_mlp import dphi
+
+    spec = net.spec
+    E = net.params[net.names[0]].shape[0]
+    per_layer = {}
+    with torch.no_grad():
+        for li, layer in enumerate(net.layers):
+            h = layer.h.reshape(E, -1)
+            delta = layer.z.grad.reshape(E, -1)
+            if layer.act in DPHI_MAX:
+                sat = (dphi(layer.act, layer.n, layer.h) < SATURATED * DPHI_MAX[layer.act]).reshape(E, -1)
+                sat = sat.to(h.dtype).mean(1)
+            else:
+                sat = torch.full((E,), float("nan"), dtype=h.dtype, device=h.device)
+            per_layer[li + 1] = torch.stack([(delta * delta).sum(1).sqrt(), h.mean(1),
+                                             h.std(1, correction=0), sat], 1)
+        mask = spec.first_layer_mask()
+        rows = []
+        for name, (layer, kind) in zip(net.names, _row_layout(spec)):
+            p = net.params[name]
+            g, w = p.grad.reshape(E, -1), p.reshape(E, -1)
+            count = float(mask.sum()) if (layer == 1 and kind == "weight" and mask is not None) else g.shape[1]
+            rows.append(torch.cat([torch.stack([(g * g).sum(1).sqrt(), g.abs().sum(1) / count,
+                                                (w * w).sum(1).sqrt()], 1), per_layer[layer]], 1))
+        return torch.stack(rows).to(torch.float64).cpu().numpy()
+
+
+class Recorder:
+    """Columnar buffers for the `steps` and `layers` tables of one job (E members).
+
+    Rows are kept per logged step as small arrays and turned into columns once, at the end, so
+    recording costs a few array copies per logged step and no Python loop over rows.
+    """
+
+    def __init__(self, spec):
+        layout = _row_layout(spec)
+        self.row_layer = np.array([layer for layer, _ in layout], np.int64)
+        self.row_param = np.array([kind for _, kind in layout], dtype=object)
+        self._steps: list[tuple[int, np.ndarray, dict[str, np.ndarray]]] = []
+        self._layers: list[tuple[int, np.ndarray, np.ndarray]] = []
+
+    def log_step(self, step: int, alive: np.ndarray, **metrics: np.ndarray) -> None:
+        """metrics: name -> (E,) values (loss, accuracy, test_loss, test_accuracy)."""
+        self._steps.append((step, alive.copy(), metrics))
+
+    def log_layers(self, step: int, alive: np.ndarray, stats: np.ndarray) -> None:
+        self._layers.append((step, alive.copy(), stats))
+
+    def steps_columns(self) -> dict[str, np.ndarray]:
+        cols: dict[str, list] = {"member": [], "step": []}
+        names = sorted({k for _, _, m in self._steps for k in m})
+        for k in names:
+            cols[k] = []
+        for step, alive, metrics in self._steps:
+            members = np.flatnonzero(alive)
+            cols["member"].append(members)
+            cols["step"].append(np.full(len(members), step, np.int64))
+            for k in names:
+                v = metrics.get(k)
+                cols[k].append(np.full(len(members), np.nan) if v is None else np.asarray(v, float)[members])
+        return {k: np.concatenate(v) if v else np.array([]) for k, v in cols.items()}
+
+    def layers_columns(self) -> dict[str, np.ndarray]:
+        cols: dict[str, list] = {k: [] for k in ("member", "step", "layer", "param", *STATS)}
+        P = len(self.row_layer)
+        for step, alive, stats in self._layers:  # stats (P, E, S)
+            members = np.flatnonzero(alive)
+            n = len(members)
+            cols["member"].append(np.tile(members, P))
+            cols["step"].append(np.full(P * n, step, np.int64))
+            cols["layer"].append(np.repeat(self.row_layer, n))
+            cols["param"].append(np.repeat(self.row_param, n))
+            block = stats[:, members, :].reshape(P * n, len(STATS))
+            for j, k in enumerate(STATS):
+                cols[k].append(block[:, j])
+        return {k: np.concatenate(v) if v else np.array([]) for k, v in cols.items()}
