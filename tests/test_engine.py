@@ -225,14 +225,17 @@ def test_symmetry_network_learns_mirrored_1_2_4_weights():
     out = train(task, spec, tspec, init_params(spec, "uniform", seeds, scale=0.3), "numpy", seeds)
     solved = np.flatnonzero(out.solved_step >= 0)
     assert len(solved) >= 5  # about half the seeds solve it within 3,000 sweeps
+    one_two_four = 0
     for k in solved:
         W = out.params["layers.0.weight"][k]  # (6 inputs, 2 hidden)
         for j in range(2):
-            w = W[:, j]
-            # mirror image about the middle with opposite signs, to 5% of the largest weight
-            np.testing.assert_allclose(w[::-1], -w, atol=0.05 * np.abs(w).max())
-            ratio = np.sort(np.abs(w[:3])) / np.sort(np.abs(w[:3]))[0]
-            np.testing.assert_allclose(ratio, [1, 2, 4], rtol=0.1)
-        # the two hidden units are equal and opposite; their sizes still drift apart by a few percent
-        # while the net keeps sharpening after it first solves the task, hence 10% of the largest weight
-        np.testing.assert_allclose(W[:, 0], -W[:, 1], atol=0.1 * np.abs(W).max())
+            # every solution mirrors about the middle with opposite signs (to 1% of the largest weight)
+            np.testing.assert_allclose(W[::-1, j], -W[:, j], atol=0.01 * np.abs(W[:, j]).max())
+        ratios = [np.sort(np.abs(W[:3, j])) / np.abs(W[:3, j]).min() for j in range(2)]
+        if all(np.allclose(r, [1, 2, 4], rtol=0.05) for r in ratios):
+            one_two_four += 1
+            # the two hidden units are equal and opposite; their sizes still drift apart by a few
+            # percent while the net sharpens after it first solves the task: 10% of the largest weight
+            np.testing.assert_allclose(W[:, 0], -W[:, 1], atol=0.1 * np.abs(W).max())
+    # the paper's 1:2:4 solution is the usual one (10 of 11 solved seeds here; one found 1:1.5:2)
+    assert one_two_four >= 0.8 * len(solved)
