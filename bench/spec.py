@@ -112,8 +112,9 @@ class TrainSpec:
     steps: int = 1000
     lr: float = 0.1
     momentum: float = 0.0
-    momentum_initial: float | None = None  # momentum used for the first `momentum_initial_steps` steps
-    momentum_initial_steps: int = 0
+    momentum_initial: float | None = None  # momentum for the first `initial_steps` steps (None: momentum)
+    initial_steps: int = 0
+    lr_initial: float | None = None  # learning rate for the first `initial_steps` steps (None: lr)
     weight_decay: float = 0.0  # after each update every parameter is multiplied by (1 - weight_decay)
     batch_size: int | None = None  # None: full batch (a 1986 "sweep")
     loss: str = "sse_half"
@@ -122,9 +123,14 @@ class TrainSpec:
     device: str = "cpu"
 
     def momentum_at(self, step: int) -> float:
-        if self.momentum_initial is not None and step < self.momentum_initial_steps:
+        if self.momentum_initial is not None and step < self.initial_steps:
             return self.momentum_initial
         return self.momentum
+
+    def lr_at(self, step: int) -> float:
+        if self.lr_initial is not None and step < self.initial_steps:
+            return self.lr_initial
+        return self.lr
 
     def logged(self, step: int) -> bool:
         return step % self.log_every == 0 or step == self.steps

@@ -178,7 +178,7 @@ def train(task: Task, spec: NetSpec, tspec: TrainSpec, params: dict[str, np.ndar
             if not alive.any() or t == tspec.steps:
                 break
             with net.no_grad():
-                opt.step(net.params, net.grads, tspec.lr, tspec.momentum_at(t), tspec.weight_decay)
+                opt.step(net.params, net.grads, tspec.lr_at(t), tspec.momentum_at(t), tspec.weight_decay)
     final = {k: np.where(alive, v, np.nan) for k, v in last.items()}
     return TrainOutput(
         steps=rec.steps_columns(), layers=rec.layers_columns() if record else {},

@@ -125,7 +125,7 @@ def test_twins_agree_family_trees_and_direct():
          NetSpec(36, 24, (12, 12, 6), "sigmoid", "sigmoid", input_blocks=(24, 12), hidden_blocks=(6, 6))),
     ]:
         tspec = TrainSpec(steps=50, lr=0.1, momentum=0.9, log_every=1, momentum_initial=0.5,
-                          momentum_initial_steps=20, weight_decay=0.002)
+                          initial_steps=20, lr_initial=0.05, weight_decay=0.002)
         out_np, out_t = _run_both(task, spec, tspec, [0, 1, 2], scheme="uniform", scale=0.3)
         for s in range(51):
             a, b = (o.layers["step"] == s for o in (out_np, out_t))
@@ -161,7 +161,8 @@ def test_same_seed_same_statistics(backend):
     tspec = TrainSpec(steps=20, lr=0.05, batch_size=32, loss="cross_entropy", log_every=5)
     runs = [train(task, spec, tspec, init_params(spec, "he", [3, 4]), backend, [3, 4]) for _ in range(2)]
     for col in runs[0].layers:
-        assert np.array_equal(runs[0].layers[col], runs[1].layers[col], equal_nan=runs[0].layers[col].dtype.kind == "f"), col
+        floats = runs[0].layers[col].dtype.kind == "f"
+        assert np.array_equal(runs[0].layers[col], runs[1].layers[col], equal_nan=floats), col
     for col in runs[0].steps:
         assert np.array_equal(runs[0].steps[col], runs[1].steps[col], equal_nan=True), col
 

@@ -1,0 +1,266 @@
+"""The typed config schema (Hydra ConfigStore) and the checks Hydra's types cannot express.
+
+Values live in `conf/*.yaml`; this file says what each key is and which values are valid. Hydra
+rejects an unknown key, a wrong type or an unknown choice (the Enums) while composing; `validate`
+then checks ranges and combinations and raises `ConfigError` with one line that names the key and
+what would be valid. `bench.run.main` prints any of these as that one line and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, List
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from bench.init import SCHEMES
+from bench.spec import ACTIVATIONS, NetSpec, TrainSpec
+from bench.tasks import Task, make_task
+
+
+class ConfigError(ValueError):
+    """A config that composes but cannot run: the message is the one line a user sees."""
+
+
+# Enums, not Literal: Hydra 1.3's OmegaConf checks Enum choices and names them in its error
+Backend = Enum("Backend", {"numpy": "numpy", "torch": "torch"})
+Activation = Enum("Activation", {a: a for a in ACTIVATIONS})
+Norm = Enum("Norm", {"none": "none", "batchnorm": "batchnorm"})
+Init = Enum("Init", {s: s for s in SCHEMES})
+Loss = Enum("Loss", {"auto": "auto", "sse_half": "sse_half", "mse": "mse", "cross_entropy": "cross_entropy"})
+DType = Enum("DType", {"float64": "float64", "float32": "float32"})
+Device = Enum("Device", {"cpu": "cpu", "cuda": "cuda"})
+Progress = Enum("Progress", {"auto": "auto", "bar": "bar", "log": "log", "none": "none"})
+
+
+# ---- task group: one schema per task, so a misspelt task option is rejected -------------------
+@dataclass
+class XorTask:
+    name: str = "xor"
+
+
+@dataclass
+class ParityTask:
+    name: str = "parity"
+    bits: int = 4  # input bits; 2**bits patterns
+
+
+@dataclass
+class EncoderTask:
+    name: str = "encoder"
+    n: int = 8  # n one-hot patterns through log2(n) hidden units (set model.width)
+
+
+@dataclass
+class SymmetryTask:
+    name: str = "symmetry"
+    bits: int = 6  # all 2**bits patterns; target 1 for mirror images
+
+
+@dataclass
+class FamilyTreesTask:
+    name: str = "family_trees"
+    n_test: int = 4  # held-out triples (1986: 4 of 104)
+    split_seed: int = 0  # which triples are held out
+
+
+@dataclass
+class DigitsTask:
+    name: str = "digits"
+    test_fraction: float = 0.2  # of scikit-learn's 1,797 bundled 8x8 digits
+    split_seed: int = 0
+
+
+@dataclass
+class TeacherTask:
+    name: str = "teacher"
+    n_in: int = 16  # input size of student and teacher
+    n_out: int = 1
+    n_train: int = 1024
+    n_test: int = 256
+    teacher_depth: int = 3  # hidden layers of the random tanh teacher
+    teacher_width: int = 32
+    data_seed: int = 0  # fixes the teacher and the inputs, independent of the student's seed
+
+
+TASK_SCHEMAS = {"xor": XorTask, "parity": ParityTask, "encoder": EncoderTask, "symmetry": SymmetryTask,
+                "family_trees": FamilyTreesTask, "digits": DigitsTask, "teacher": TeacherTask}
+
+
+@dataclass
+class ModelConfig:
+    depth: int = 1  # hidden layers (>= 1)
+    width: int = 2  # units per hidden layer (>= 1)
+    widths: List[int] | None = None  # explicit hidden widths, input side first; overrides depth/width
+    activation: Activation = Activation.sigmoid  # hidden non-linearity
+    residual: bool = False  # a' = a + act(norm(W a + b)) around hidden layers of equal width
+    norm: Norm = Norm.none  # batchnorm: batch statistics in training, running ones for evaluation
+    init: Init = Init.uniform  # weight scheme, see bench/init.py
+    init_scale: float | None = None  # the scheme's scale (range, std or gain); null: its default
+    init_bias: float | None = None  # bias scale where the scheme has one (meanfield: sigma_b)
+    direct: bool = False  # direct input->output weights (the PDP XOR 2-1-1 net)
+    first_layer_blocks: List[int] | None = None  # block-diagonal first layer: units per input block
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # parameter updates (a full-batch step is a 1986 "sweep")
+    lr: float = 0.5  # epsilon: dw(t) = -lr dE/dw + momentum dw(t-1)
+    momentum: float = 0.9  # alpha, in [0, 1)
+    momentum_initial: float | None = None  # momentum for the first initial_steps (1986 family trees: 0.5)
+    lr_initial: float | None = None  # lr for the first initial_steps (1986 family trees: 0.005)
+    initial_steps: int = 0  # how many steps use the *_initial values
+    weight_decay: float = 0.0  # every parameter shrinks by this fraction after each update (1986: 0.002)
+    batch_size: int | None = None  # null: full batch
+    loss: Loss = Loss.auto  # auto: the loss the task was posed with
+    dtype: DType = DType.float64
+    device: Device = Device.cpu  # cuda: torch backend only
+
+
+@dataclass
+class LogConfig:
+    every: int = 100  # record statistics every k steps (always step 0 and the last step)
+
+
+@dataclass
+class Config:
+    task: Any = MISSING  # one of TASK_SCHEMAS, chosen by the task group
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    backend: Backend = Backend.numpy
+    seed: int = 0  # member k of the ensemble uses seed + k (init and mini-batch order)
+    ensemble: int = 1  # members trained at once in one batched pass
+    results_dir: str = "results"  # output root
+    name: str = "default"  # experiment name: results go to results_dir/name/
+    overwrite: bool = False  # retrain runs that already have complete results
+    progress: Progress = Progress.auto  # auto: a bar on a terminal, log lines otherwise
+    report: bool = False  # write the report (analysis.report) when a sweep ends
+    max_memory_gb: float | None = None  # refuse jobs estimated above this; null: 70% of free memory
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="train", name="train_schema", node=TrainConfig)
+    for name, schema in TASK_SCHEMAS.items():
+        cs.store(group="task", name=f"{name}_schema", node=schema)
+
+
+# ---- checks that need values ------------------------------------------------------------------
+def _enum(v) -> str:
+    return v.value if isinstance(v, Enum) else str(v)
+
+
+def task_from(cfg: DictConfig) -> Task:
+    params = {k: v for k, v in OmegaConf.to_container(cfg.task, resolve=True).items() if k != "name"}
+    try:
+        return make_task(cfg.task.name, **params)
+    except TypeError as e:
+        raise ConfigError(f"task.{cfg.task.name}: {e}") from None
+
+
+def specs_from(cfg: DictConfig, task: Task) -> tuple[NetSpec, TrainSpec]:
+    m, t = cfg.model, cfg.train
+    loss = task.loss if _enum(t.loss) == "auto" else _enum(t.loss)
+    if loss == "cross_entropy":
+        output = "softmax"
+    else:  # a classification task asked for a squared error gets independent sigmoid outputs
+        output = task.output if task.output != "softmax" else "sigmoid"
+    widths = tuple(m.widths) if m.widths is not None else (m.width,) * m.depth
+    blocks = tuple(m.first_layer_blocks) if m.first_layer_blocks is not None else None
+    net = NetSpec(task.n_in, task.n_out, widths, _enum(m.activation), output, m.residual, _enum(m.norm),
+                  m.direct, task.input_blocks if blocks is not None else None, blocks)
+    train = TrainSpec(steps=t.steps, lr=t.lr, momentum=t.momentum, momentum_initial=t.momentum_initial,
+                      initial_steps=t.initial_steps, lr_initial=t.lr_initial, weight_decay=t.weight_decay,
+                      batch_size=t.batch_size, loss=loss, log_every=cfg.log.every, dtype=_enum(t.dtype),
+                      device=_enum(t.device))
+    return net, train
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _finite_positive(x) -> bool:
+    return x is not None and math.isfinite(x) and x > 0
+
+
+def validate(cfg: DictConfig) -> tuple[Task, NetSpec, TrainSpec]:
+    """Check ranges and combinations; return the task and the engine specs. Raises ConfigError."""
+    m, t = cfg.model, cfg.train
+    if m.widths is None:
+        _need(m.depth >= 1, f"model.depth={m.depth}: must be >= 1 (hidden layers)")
+        _need(m.width >= 1, f"model.width={m.width}: must be >= 1 (units per hidden layer)")
+    else:
+        _need(len(m.widths) >= 1 and min(m.widths) >= 1,
+              f"model.widths={list(m.widths)}: need >= 1 layers, each >= 1 wide")
+    _need(_finite_positive(t.lr), f"train.lr={t.lr}: must be a finite number > 0")
+    _need(t.lr_initial is None or _finite_positive(t.lr_initial),
+          f"train.lr_initial={t.lr_initial}: must be a finite number > 0 or null")
+    for key in ("momentum", "momentum_initial"):
+        v = t[key]
+        _need(v is None or (math.isfinite(v) and 0 <= v < 1), f"train.{key}={v}: must be in [0, 1)")
+    _need(math.isfinite(t.weight_decay) and 0 <= t.weight_decay < 1,
+          f"train.weight_decay={t.weight_decay}: must be in [0, 1) (a fraction shrunk per update)")
+    _need(t.steps >= 1, f"train.steps={t.steps}: must be >= 1")
+    _need(t.initial_steps >= 0, f"train.initial_steps={t.initial_steps}: must be >= 0")
+    _need(cfg.log.every >= 1, f"log.every={cfg.log.every}: must be >= 1 (record every k steps)")
+    _need(cfg.ensemble >= 1, f"ensemble={cfg.ensemble}: must be >= 1 (members trained at once)")
+    _need(cfg.seed >= 0, f"seed={cfg.seed}: must be >= 0")
+    for key in ("init_scale", "init_bias"):
+        v = m[key]
+        _need(v is None or (math.isfinite(v) and v >= 0), f"model.{key}={v}: must be a finite number >= 0 or null")
+    _need(not (_enum(cfg.backend) == "numpy" and _enum(t.device) == "cuda"),
+          "train.device=cuda needs backend=torch (the numpy backend runs on cpu)")
+    if _enum(t.device) == "cuda":
+        import torch
+
+        _need(torch.cuda.is_available(), "train.device=cuda but torch finds no CUDA device; use train.device=cpu")
+    task = task_from(cfg)
+    bs = t.batch_size
+    _need(bs is None or 1 <= bs <= task.n_train,
+          f"train.batch_size={bs}: must be null (full batch) or 1..{task.n_train} "
+          f"(task {task.name} has {task.n_train} training cases)")
+    if _enum(m.norm) == "batchnorm":
+        _need(bs is None or bs >= 2, f"train.batch_size={bs}: model.norm=batchnorm needs batches of >= 2 cases")
+    net, train = specs_from(cfg, task)
+    if train.loss == "cross_entropy":
+        _need(task.n_out >= 2, f"train.loss=cross_entropy needs >= 2 output classes; task {task.name} has "
+              f"{task.n_out} output: use sse_half or mse")
+    if m.first_layer_blocks is not None:
+        _need(task.input_blocks is not None,
+              f"model.first_layer_blocks needs a task with input blocks (family_trees); task {task.name} has none")
+    try:
+        net.check()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _check_results_dir(cfg.results_dir)
+    return task, net, train
+
+
+def _check_results_dir(results_dir: str) -> None:
+    path = Path(results_dir)
+    for p in (path, *path.parents):
+        if p.exists():
+            _need(p.is_dir(), f"results_dir={results_dir}: {p} is a file, not a directory")
+            _need(os.access(p, os.W_OK | os.X_OK), f"results_dir={results_dir}: {p} is not writable")
+            break
+
+
+def estimate_bytes(net: NetSpec, train: TrainSpec, task: Task, members: int) -> int:
+    """Rough peak memory of one job: parameters, grads, velocities, and cached activations."""
+    itemsize = 8 if train.dtype == "float64" else 4
+    n_params = sum(math.prod(shape) for *_, shape in net.params())
+    batch = train.batch_size or task.n_train
+    units = sum(net.widths) + net.n_out
+    # per layer the forward caches z, n, h (+ batch-norm xhat) and backward makes delta and temporaries
+    activations = 8 * batch * units
+    return members * itemsize * (4 * n_params + activations)

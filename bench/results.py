@@ -1,0 +1,366 @@
+"""Result tables on disk: one schema, run ids, atomic writes, resume and load().
+
+Layout: ``results_dir/<name>/{runs,steps,layers}/<job_id>.parquet``. A job trains E ensemble
+members at once and writes one file per table; each member is a run with its own ``run_id``. The
+runs file is written last and is the commit marker: a job whose runs file exists is complete. Temp
+files start with "." so that ``pd.read_parquet(exp_dir / "layers")`` (pyarrow's dataset discovery
+ignores names starting with "." or "_") never sees a partial file.
+
+This module knows nothing about training; it only writes and reads the tables.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = 1  # bump when a column changes meaning or type; readers skip other versions
+_META_VERSION, _META_TABLE = b"vgbench.schema_version", b"vgbench.table"
+
+# Keys that do not change what a run computes: where it is written, how it was launched, how many
+# siblings trained beside it, and the preset's name (a preset's effect on values is in the values).
+SEMANTIC_EXCLUDE = frozenset(
+    {"results_dir", "name", "overwrite", "ensemble", "hydra", "progress", "experiment"}
+)
+
+_S, _I, _F, _B = pa.string(), pa.int64(), pa.float64(), pa.bool_()
+
+
+def _schema(table: str, fields: list[tuple], nullable: set[str]) -> pa.Schema:
+    return pa.schema(
+        [pa.field(n, t, nullable=n in nullable) for n, t in fields],
+        metadata={_META_VERSION: str(SCHEMA_VERSION).encode(), _META_TABLE: table.encode()},
+    )
+
+
+RUNS_SCHEMA = _schema("runs", [
+    ("run_id", _S), ("job_id", _S), ("name", _S), ("experiment", _S), ("backend", _S),
+    ("task", _S), ("activation", _S), ("depth", _I), ("width", _I),
+    ("widths", _S),  # JSON list of hidden widths, input side first
+    ("residual", _B), ("norm", _S), ("init", _S), ("init_scale", _F), ("init_bias", _F), ("lr", _F),
+    ("momentum", _F), ("weight_decay", _F), ("batch_size", _I),  # null = full batch
+    ("loss", _S), ("steps", _I), ("log_every", _I), ("seed", _I),
+    ("member", _I),  # index of this run in its job's ensemble
+    ("ensemble", _I), ("dtype", _S), ("device", _S), ("status", _S),  # ok | diverged | failed
+    ("diverged_step", _I), ("error", _S), ("final_loss", _F), ("final_accuracy", _F),
+    ("final_test_loss", _F), ("final_test_accuracy", _F),
+    ("solved_step", _I),  # first step at which the task's solve criterion held
+    ("wall_time_s", _F), ("config_json", _S), ("created_at", pa.timestamp("us", tz="UTC")),
+    ("schema_version", _I), ("git_commit", _S),
+    ("params_json", _S),  # final parameters {name: nested lists} of small nets (Hinton diagrams), else null
+], nullable={"init_scale", "init_bias", "params_json", "batch_size", "diverged_step", "error", "final_accuracy",
+             "final_test_loss", "final_test_accuracy", "solved_step", "git_commit"})
+
+STEPS_SCHEMA = _schema("steps", [
+    ("run_id", _S), ("job_id", _S), ("step", _I), ("loss", _F), ("accuracy", _F),
+    ("test_loss", _F), ("test_accuracy", _F),
+], nullable={"accuracy", "test_loss", "test_accuracy"})
+
+LAYERS_SCHEMA = _schema("layers", [
+    ("run_id", _S), ("job_id", _S), ("step", _I),
+    ("layer", _I),  # 1 = the layer next to the input
+    ("param", _S),  # weight | bias | gamma | beta | direct
+    ("grad_norm", _F), ("grad_mean_abs", _F), ("weight_norm", _F), ("delta_norm", _F),
+    ("act_mean", _F), ("act_std", _F), ("act_saturation", _F),
+], nullable=set())
+
+SCHEMAS = {"runs": RUNS_SCHEMA, "steps": STEPS_SCHEMA, "layers": LAYERS_SCHEMA}
+# the row order of files and of load(); a file already in order saves load() a reordering copy
+SORT_KEYS = {"runs": ["run_id"], "steps": ["run_id", "step"],
+             "layers": ["run_id", "step", "layer", "param"]}
+# runs columns that describe a run's configuration: what load(config_columns=True) joins on
+CONFIG_COLUMNS = (
+    "name", "experiment", "backend", "task", "activation", "depth", "width", "widths", "residual",
+    "norm", "init", "init_scale", "init_bias", "lr", "momentum", "weight_decay", "batch_size", "loss", "steps",
+    "log_every", "seed", "member", "ensemble", "dtype", "device",
+)
+_DICT_COLUMNS = ["run_id", "job_id", "param", "step", "layer"]  # repeated values: dictionary pages
+_COMPLETE = ("ok", "diverged")
+
+
+def _canonical(x, key="config"):
+    """Plain JSON-able form: dicts with str keys, lists, str/int/float/bool/None."""
+    if isinstance(x, dict):
+        return {str(k): _canonical(v, f"{key}.{k}") for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_canonical(v, f"{key}[{i}]") for i, v in enumerate(x)]
+    if isinstance(x, enum.Enum):
+        return x.name  # as OmegaConf writes an Enum in YAML
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and x.is_integer():
+        return int(x)  # lr=1 and lr=1.0 are the same run; json renders other floats via repr
+    if x is None or isinstance(x, (str, int, float, bool)):
+        return x
+    if isinstance(x, os.PathLike):
+        return os.fspath(x)
+    raise TypeError(f"{key}: cannot hash a {type(x).__name__} into a run id; pass plain "
+                    "containers, e.g. OmegaConf.to_container(cfg, resolve=True)")
+
+
+def _hash(config: dict, exclude: frozenset) -> str:
+    semantic = {k: v for k, v in config.items() if k not in exclude}
+    text = json.dumps(_canonical(semantic), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def run_id(config: dict) -> str:
+    """Id of one member's resolved config (seed already member-specific); launcher keys ignored."""
+    return _hash(config, SEMANTIC_EXCLUDE)
+
+
+def job_id(config: dict) -> str:
+    """Like run_id but keeps ``ensemble``: a job of 8 members and a solo run are different jobs."""
+    return _hash(config, SEMANTIC_EXCLUDE - {"ensemble"})
+
+
+def experiment_dir(results_dir: str | os.PathLike, name: str) -> Path:
+    return Path(results_dir) / name
+
+
+def _to_table(cols: dict, schema: pa.Schema, table: str) -> pa.Table:
+    """Cast a dict of columns to ``schema``, naming any missing, extra or unconvertible column.
+
+    Non-nullable float columns keep NaN as a value (a diverged loss); in nullable ones NaN means
+    "not measured" and is stored as null.
+    """
+    for f in schema:  # an optional (nullable) column may be left out: it is written as nulls
+        if f.nullable and f.name not in cols:
+            cols[f.name] = [None] * (len(next(iter(cols.values()))) if cols else 0)
+    missing = [n for n in schema.names if n not in cols]
+    extra = [c for c in cols if c not in schema.names]
+    if missing or extra:
+        raise ValueError(f"{table}: missing columns {missing}, unexpected columns {extra}")
+    arrays = []
+    for field in schema:
+        values = pd.Series(cols[field.name])  # lists -> Series so 1.5 is not silently cut to int 1
+        keep_nan = pa.types.is_floating(field.type) and not field.nullable
+        try:
+            arr = pa.array(values, type=field.type, from_pandas=not keep_nan)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as e:
+            raise ValueError(f"{table}.{field.name}: cannot convert to {field.type}: {e}") from e
+        if not field.nullable and arr.null_count:
+            raise ValueError(f"{table}.{field.name}: {arr.null_count} nulls in a required column")
+        arrays.append(arr)
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _write_atomic(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # hidden from dataset discovery
+    # byte-stream-split puts the (alike) exponent bytes of floats together: ~7-15% smaller with zstd
+    floats = [f.name for f in table.schema if pa.types.is_floating(f.type)]
+    try:
+        with open(tmp, "wb") as f:
+            pq.write_table(table, f, compression="zstd", use_dictionary=_DICT_COLUMNS,
+                           use_byte_stream_split=floats)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_job(exp_dir, job_id: str, runs, steps, layers) -> None:
+    """Write one job's three tables atomically, runs last (the commit marker).
+
+    ``job_id`` (all tables), ``schema_version`` and ``created_at`` (runs; now, UTC) are filled in
+    when absent. Rewriting a job first removes its runs file, so a crash midway leaves the job
+    incomplete (it is retried) rather than old runs rows beside new steps.
+    """
+    exp_dir, tables = Path(exp_dir), {}
+    for table, data in (("steps", steps), ("layers", layers), ("runs", runs)):
+        cols = {c: data[c] for c in data.columns} if isinstance(data, pd.DataFrame) else dict(data)
+        n = len(next(iter(cols.values()))) if cols else 0
+        cols.setdefault("job_id", [job_id] * n)
+        if table == "runs":
+            cols.setdefault("schema_version", [SCHEMA_VERSION] * n)
+            cols.setdefault("created_at", [datetime.now(UTC)] * n)
+        tables[table] = _to_table(cols, SCHEMAS[table], table).sort_by(
+            [(k, "ascending") for k in SORT_KEYS[table]])
+        if set(tables[table].column("job_id").unique().to_pylist()) - {job_id}:
+            raise ValueError(f"{table}.job_id: rows belong to another job than {job_id!r}")
+    for table in SCHEMAS:
+        (exp_dir / table).mkdir(parents=True, exist_ok=True)
+    (exp_dir / "runs" / f"{job_id}.parquet").unlink(missing_ok=True)
+    for table in ("steps", "layers", "runs"):
+        _write_atomic(tables[table], exp_dir / table / f"{job_id}.parquet")
+
+
+def _read_file(path: Path, schema: pa.Schema, names: list[str], dictionary: list[str]):
+    """Return (table, None), or (None, why the file is skipped)."""
+    try:
+        with pq.ParquetFile(path, read_dictionary=dictionary) as f:
+            file_schema = f.schema_arrow  # a property that rebuilds the schema: read it once
+            meta = file_schema.metadata or {}
+            if _META_VERSION not in meta:
+                return None, "not a vgbench file (no schema_version in its metadata)"
+            if (version := int(meta[_META_VERSION])) != SCHEMA_VERSION:
+                return None, f"schema_version {version}, this code reads {SCHEMA_VERSION}"
+            if missing := sorted(set(names) - set(file_schema.names)):
+                return None, f"missing columns {missing}"
+            t = f.read(columns=names, use_threads=False)  # the thread pool gives the parallelism
+    except KeyError as e:  # read_dictionary names a column the file lacks
+        name = e.args[0].decode() if isinstance(e.args[0], bytes) else e.args[0]
+        return None, f"missing column {name!r}"
+    except (OSError, ValueError, TypeError, pa.ArrowException) as e:  # truncated, garbage, ...
+        return None, f"unreadable ({type(e).__name__}: {e})"
+    for n, got in zip(t.column_names, t.schema.types):
+        want = schema.field(n).type
+        if got != want and not (pa.types.is_dictionary(got) and got.value_type == want):
+            return None, f"column {n} is {got}, expected {want}"
+    return t.select(names), None
+
+
+def _read_folder(path, table: str, columns=None, dictionary=(), prepare=None) -> list[pa.Table]:
+    schema, names = SCHEMAS[table], list(columns or SCHEMAS[table].names)
+    folder = Path(path) / table  # hidden names are temp files, as for pyarrow's own discovery
+    files = sorted(p for p in folder.glob("*.parquet") if not p.name.startswith((".", "_")))
+
+    def work(p):
+        t, why = _read_file(p, schema, names, [c for c in dictionary if c in names])
+        return (t if t is None or prepare is None else prepare(t)), why
+
+    with ThreadPoolExecutor(min(16, (os.cpu_count() or 1) + 4)) as pool:  # decoding frees the GIL
+        results = list(pool.map(work, files))
+    for p, (_, why) in zip(files, results):
+        if why is not None:
+            warnings.warn(f"skipping {p}: {why}", stacklevel=3)
+    return [t for t, why in results if why is None]
+
+
+def load_table(path, table: str, columns: list[str] | None = None) -> pa.Table:
+    """Read ``path/table/*.parquet`` file by file and concatenate (an Arrow table, no dedup).
+
+    A file that is corrupt, truncated, foreign (no vgbench metadata, missing or mistyped columns)
+    or of another schema_version is skipped with a warning naming it, and the rest is read: one
+    killed or stray file should not hide a whole experiment (load() inherits this).
+    """
+    schema = pa.schema([SCHEMAS[table].field(n) for n in columns or SCHEMAS[table].names])
+    parts = _read_folder(path, table, columns)
+    return pa.concat_tables([pa.Table.from_arrays(t.columns, schema=schema) for t in parts]
+                            or [schema.empty_table()])
+
+
+def _newest_runs(runs: pa.Table) -> pa.Table:
+    """One row per run_id: the newest by created_at (ties: larger job_id), sorted by run_id."""
+    order = pc.sort_indices(runs, [("run_id", "ascending"), ("created_at", "descending"),
+                                   ("job_id", "descending")])
+    runs = runs.take(order).combine_chunks()
+    rid = runs.column("run_id").to_numpy(zero_copy_only=False)
+    return runs.filter(np.append(True, rid[1:] != rid[:-1])) if len(rid) else runs
+
+
+def completed_run_ids(exp_dir) -> dict[str, str]:
+    """run_id -> status for runs that need no rerun ("ok" or "diverged"; "failed" is retried)."""
+    runs = _newest_runs(load_table(exp_dir, "runs", ["run_id", "job_id", "status", "created_at"]))
+    return {r: s for r, s in zip(runs.column("run_id").to_pylist(),
+                                 runs.column("status").to_pylist()) if s in _COMPLETE}
+
+
+@dataclass(frozen=True)
+class Results:
+    runs: pd.DataFrame
+    steps: pd.DataFrame
+    layers: pd.DataFrame
+
+
+def _to_pandas(t: pa.Table) -> pd.DataFrame:
+    # Nullable int columns (batch_size, diverged_step, solved_step) become pandas Int64 whether or
+    # not this load happens to contain a null; required ints stay int64, strings load as str.
+    nullable_int = [f.name for f in t.schema if f.nullable and pa.types.is_integer(f.type)]
+    df = t.drop_columns(nullable_int).to_pandas()
+    for name in nullable_int:
+        df[name] = t.select([name]).to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)[name]
+    return df[t.column_names]
+
+
+def _codes(col: pa.ChunkedArray, code: dict) -> np.ndarray:
+    """``code[value]`` per row of dictionary-encoded ``col``, -1 if absent (no per-row hashing)."""
+    out = [np.array([code.get(v, -1) for v in c.dictionary.to_pylist()], np.int64)[c.indices]
+           for c in col.chunks]
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def _keep_and_sort(t: pa.Table, run_rank: dict, job_code: dict, run_job: np.ndarray, keys):
+    """One file, in the thread pool: keep the kept (run_id, job_id) rows, sort, ids -> __rank."""
+    rank = _codes(t["run_id"], run_rank)  # position in the kept runs (sorted by run_id), -1: none
+    keep = (rank >= 0) & (_codes(t["job_id"], job_code) == run_job[rank])  # orphans, stale dups
+    t = t.drop_columns(["run_id", "job_id"])
+    if not keep.all():
+        t, rank = t.filter(keep), rank[keep]
+    sort_by = [rank] + [t[k].to_numpy() for k in keys if k != "param"]
+    if "param" in keys:  # within a file, rank param names against the file's own sorted names
+        names = sorted({v for c in t["param"].chunks for v in c.dictionary.to_pylist()})
+        sort_by.append(_codes(t["param"], {n: i for i, n in enumerate(names)}))
+        t = t.set_column(t.schema.get_field_index("param"), "param", t["param"].cast(pa.string()))
+    order = np.lexsort(sort_by[::-1])
+    if not np.array_equal(order, np.arange(len(order))):  # write_job writes sorted files
+        t, rank = t.take(order), rank[order]
+    return t.append_column("__rank", pa.array(rank, pa.int32()))
+
+
+def _gather(col: pa.ChunkedArray, rank: pa.Array) -> pa.Array:
+    if pa.types.is_string(col.type):  # decoding a dictionary is ~10x faster than take on strings
+        return pa.DictionaryArray.from_arrays(rank, col.combine_chunks()).cast(col.type)
+    return col.combine_chunks().take(rank)
+
+
+def _rows(path, table: str, runs: pa.Table, keys: list[str], config: list[str]) -> pa.Table:
+    """Steps or layers rows of the kept runs, sorted, with the config columns joined on."""
+    ids, jobs = runs["run_id"].to_pylist(), runs["job_id"].to_pylist()
+    run_rank = {r: i for i, r in enumerate(ids)}
+    job_code = {j: i for i, j in enumerate(dict.fromkeys(jobs))}
+    run_job = np.array([job_code[j] for j in jobs] + [-2])  # [-1] = -2: orphans match no job
+    parts = _read_folder(path, table, dictionary=("run_id", "job_id", "param"),
+                         prepare=lambda t: _keep_and_sort(t, run_rank, job_code, run_job, keys))
+    # A run's rows come from one job, i.e. one file (a copied file repeats them: first one wins),
+    # so the sorted result is the files' per-run slices put in run order: no global sort.
+    segments = {}
+    for i, t in enumerate(parts):
+        r = t["__rank"].to_numpy()
+        starts = np.flatnonzero(np.diff(r, prepend=-1))
+        for start, stop in zip(starts, np.append(starts[1:], len(r))):
+            segments.setdefault(int(r[start]), (i, int(start), int(stop)))
+    schema, ids = SCHEMAS[table], ("run_id", "job_id")
+    empty = pa.schema([f for f in schema if f.name not in ids] + [pa.field("__rank", pa.int32())])
+    body = [parts[i].slice(a, b - a) for _, (i, a, b) in sorted(segments.items())]
+    body = pa.concat_tables(body or [empty.empty_table()], promote_options="default")
+    body = body.combine_chunks()  # one chunk per column: pandas conversion is fastest then
+    rank = body["__rank"].combine_chunks()
+    cols = [_gather(runs[n], rank) if n in ids else body[n].combine_chunks() for n in schema.names]
+    cols += [_gather(runs[n], rank) for n in config]
+    return pa.Table.from_arrays(cols, schema=pa.schema(
+        list(schema) + [runs.schema.field(n) for n in config]))
+
+
+def load(path, config_columns: list[str] | bool | None = None) -> Results:
+    """Load an experiment dir into ``Results(runs, steps, layers)`` DataFrames.
+
+    A run trained by several jobs keeps its newest runs row (by created_at) and only that job's
+    steps/layers rows; steps/layers rows without a runs row (a killed job) are dropped. Unreadable,
+    foreign or other-version files are skipped with a warning (see load_table). ``config_columns``:
+    runs columns to join onto steps and layers by run_id, or True for CONFIG_COLUMNS. Dtypes: str
+    for strings, int64 for required ints, Int64 for nullable ints, float64 (NaN for null), bool,
+    datetime64[us, UTC]. Sorted by run_id (then step, layer, param).
+    """
+    config = list(CONFIG_COLUMNS) if config_columns is True else list(config_columns or [])
+    if bad := [c for c in config if c not in RUNS_SCHEMA.names or c in ("run_id", "job_id")]:
+        raise ValueError(f"config_columns: {bad} are not runs columns; choose in {CONFIG_COLUMNS}")
+    runs = _newest_runs(load_table(path, "runs"))
+    steps = _rows(path, "steps", runs, SORT_KEYS["steps"][1:], config)
+    layers = _rows(path, "layers", runs, SORT_KEYS["layers"][1:], config)
+    return Results(_to_pandas(runs), _to_pandas(steps), _to_pandas(layers))

@@ -1,0 +1,358 @@
+"""`python -m bench.run`: train one config (or a `-m` sweep of them) and write its parquet results.
+
+`run(cfg)` is a plain function (tests call it with a composed config); `main()` wraps it in Hydra
+and turns any bad input into one line on stderr and a non-zero exit. One job trains the config's
+`ensemble` members at once; each member is a run with its own run_id (see `bench.results`). Members
+whose run already has complete results are skipped unless `overwrite=true`, so rerunning a sweep
+finishes only what is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+import traceback
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from bench import results
+from bench.config import ConfigError, _enum, estimate_bytes, register, validate
+from bench.init import init_params
+from bench.train import train
+
+log = logging.getLogger("bench")
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the repository's conf/ (install with pip -e)
+NON_SEMANTIC = ("report", "max_memory_gb")  # beyond results.SEMANTIC_EXCLUDE: launch-time settings
+
+
+@lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _hydra_choice(key: str) -> str:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().runtime.choices.get(key) or ""
+    except (ValueError, ImportError):  # not running under Hydra (a test calling run directly)
+        return ""
+
+
+def _threads_for_launcher() -> int | None:
+    """Under the joblib launcher, give each worker its share of the cores so workers do not fight."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        launcher = HydraConfig.get().launcher
+    except (ValueError, ImportError):
+        return None
+    if "joblib" not in str(launcher.get("_target_", "")):
+        return None
+    n_jobs = launcher.get("n_jobs", -1)
+    cores = os.cpu_count() or 1
+    return 1 if n_jobs is None or n_jobs <= 0 else max(1, cores // n_jobs)
+
+
+def semantic_config(cfg: DictConfig, net, tspec) -> dict[str, Any]:
+    """The resolved config with equivalent spellings made equal (depth x width vs widths, loss auto)."""
+    c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    for key in NON_SEMANTIC:
+        c.pop(key, None)
+    c["model"]["widths"] = list(net.widths)
+    c["model"]["depth"], c["model"]["width"] = net.depth, net.widths[0]
+    c["train"]["loss"] = tspec.loss
+    return c
+
+
+def _memory_limit_bytes(cfg: DictConfig) -> float:
+    if cfg.max_memory_gb is not None:
+        return cfg.max_memory_gb * 2**30
+    try:  # 70% of what the OS says is available now
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+        return 0.7 * avail
+    except (OSError, StopIteration):
+        return math.inf
+
+
+class _Progress:
+    """A tqdm bar on a terminal, or a log line every ~10% of the steps when output is not a TTY."""
+
+    def __init__(self, mode: str, total: int, desc: str):
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "log"
+        self.mode, self.total, self.desc, self.done, self.next_log = mode, total, desc, 0, 0
+        self.bar = None
+        if mode == "bar":
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, leave=False, unit="step", dynamic_ncols=True)
+
+    def __call__(self, step: int, losses: np.ndarray) -> None:
+        loss = float(np.nanmedian(losses)) if np.isfinite(losses).any() else float("nan")
+        if self.bar is not None:
+            self.bar.update(step - self.done)
+            self.bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+        elif self.mode == "log" and (step >= self.next_log or step == self.total):
+            log.info("%s step %d/%d loss %.4g", self.desc, step, self.total, loss)
+            self.next_log = step + max(1, self.total // 10)
+        self.done = step
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _describe(cfg: DictConfig, net) -> str:
+    arch = "+".join(x for x in (_enum(cfg.model.activation), "res" if net.residual else "",
+                                "bn" if net.norm == "batchnorm" else "") if x)
+    return f"{cfg.task.name} {arch} depth {net.depth} {_enum(cfg.backend)} seed {cfg.seed}"
+
+
+def run(cfg: DictConfig) -> dict[str, int]:
+    """Train the config's ensemble and write its results; returns counts of trained/skipped/failed runs."""
+    task, net, tspec = validate(cfg)
+    semantic = semantic_config(cfg, net, tspec)
+    members = [dict(semantic, seed=cfg.seed + k) for k in range(cfg.ensemble)]
+    ids = [results.run_id(m) for m in members]
+    exp_dir = results.experiment_dir(cfg.results_dir, cfg.name)
+    done = {} if cfg.overwrite else results.completed_run_ids(exp_dir)
+    todo = [k for k in range(cfg.ensemble) if ids[k] not in done]
+    desc = _describe(cfg, net)
+    if not todo:
+        log.info("%s: all %d runs already complete, skipped", desc, cfg.ensemble)
+        return {"trained": 0, "skipped": cfg.ensemble, "failed": 0}
+    need = estimate_bytes(net, tspec, task, len(todo))
+    limit = _memory_limit_bytes(cfg)
+    if need > limit:
+        raise ConfigError(f"ensemble={cfg.ensemble} x model widths {list(net.widths)} needs about "
+                          f"{need / 2**30:.1f} GiB, over the {limit / 2**30:.1f} GiB limit: lower ensemble, "
+                          f"width or train.batch_size, or raise max_memory_gb")
+    seeds = [cfg.seed + k for k in todo]
+    # the job is what is trained now: the same config with another set of missing members is another job
+    job = results.job_id(dict(semantic, ensemble=cfg.ensemble, members=[ids[k] for k in todo]))
+    threads = _threads_for_launcher()
+    progress = _Progress(_enum(cfg.progress), tspec.steps, desc)
+    t0 = time.perf_counter()
+    try:
+        params = init_params(net, _enum(cfg.model.init), seeds, cfg.model.init_scale, cfg.model.init_bias)
+        if threads is not None:
+            from threadpoolctl import threadpool_limits
+
+            with threadpool_limits(threads):
+                if _enum(cfg.backend) == "torch":
+                    import torch
+
+                    torch.set_num_threads(threads)
+                out = train(task, net, tspec, params, _enum(cfg.backend), seeds, on_log=progress)
+        else:
+            out = train(task, net, tspec, params, _enum(cfg.backend), seeds, on_log=progress)
+        error = None
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:  # a failed run is recorded with its error and the sweep goes on
+        out, error = None, f"{type(e).__name__}: {e}"
+        log.error("%s failed: %s\n%s", desc, error, traceback.format_exc())
+    finally:
+        progress.close()
+    runs, steps, layers = _tables(cfg, net, tspec, members, ids, todo, job, out, error,
+                                  time.perf_counter() - t0)
+    results.write_job(exp_dir, job, runs, steps, layers)
+    status = runs["status"]
+    counts = {"trained": sum(s != "failed" for s in status), "skipped": cfg.ensemble - len(todo),
+              "failed": sum(s == "failed" for s in status)}
+    log.info("%s: %d runs trained (%d diverged), %d skipped, %d failed in %.1fs -> %s", desc,
+             counts["trained"], sum(s == "diverged" for s in status), counts["skipped"], counts["failed"],
+             time.perf_counter() - t0, exp_dir)
+    return counts
+
+
+def _tables(cfg, net, tspec, members, ids, todo, job, out, error, wall):
+    """The three tables' columns for the members trained in this job."""
+    import json
+
+    E = len(todo)
+    m, t = cfg.model, cfg.train
+    final = out.final if out is not None else {}
+
+    def per_member(key):
+        v = final.get(key)
+        return [None] * E if v is None else [None if not np.isfinite(x) else float(x) for x in v]
+
+    runs = {
+        "run_id": [ids[k] for k in todo], "name": [cfg.name] * E, "experiment": [_hydra_choice("experiment")] * E,
+        "backend": [_enum(cfg.backend)] * E, "task": [cfg.task.name] * E,
+        "activation": [net.activation] * E, "depth": [net.depth] * E, "width": [net.widths[0]] * E,
+        "widths": [json.dumps(list(net.widths))] * E, "residual": [net.residual] * E, "norm": [net.norm] * E,
+        "init": [_enum(m.init)] * E, "init_scale": [m.init_scale] * E, "init_bias": [m.init_bias] * E,
+        "lr": [t.lr] * E, "momentum": [t.momentum] * E, "weight_decay": [t.weight_decay] * E,
+        "batch_size": [t.batch_size] * E, "loss": [tspec.loss] * E, "steps": [t.steps] * E,
+        "log_every": [cfg.log.every] * E, "seed": [cfg.seed + k for k in todo], "member": todo,
+        "ensemble": [cfg.ensemble] * E, "dtype": [tspec.dtype] * E, "device": [tspec.device] * E,
+        "status": out.status if out is not None else ["failed"] * E,
+        "diverged_step": [None] * E if out is None else [int(s) if s >= 0 else None for s in out.diverged_step],
+        "error": [error] * E,
+        "final_loss": [float("nan") if v is None else v for v in per_member("loss")],
+        "final_accuracy": per_member("accuracy"), "final_test_loss": per_member("test_loss"),
+        "final_test_accuracy": per_member("test_accuracy"),
+        "solved_step": [None] * E if out is None else [int(s) if s >= 0 else None for s in out.solved_step],
+        "wall_time_s": [wall / E] * E,
+        "config_json": [json.dumps(members[k], sort_keys=True) for k in todo],
+        "params_json": _params_json(out, E), "git_commit": [git_commit()] * E,
+    }
+    if out is None:
+        return runs, _empty("steps"), _empty("layers")
+    rid = np.array([ids[k] for k in todo], dtype=object)
+    steps = {"run_id": rid[out.steps["member"]], **{k: v for k, v in out.steps.items() if k != "member"}}
+    for k in ("accuracy", "test_loss", "test_accuracy"):
+        steps.setdefault(k, np.full(len(steps["run_id"]), np.nan))
+    layers = {"run_id": rid[out.layers["member"]], **{k: v for k, v in out.layers.items() if k != "member"}}
+    return runs, steps, layers
+
+
+SMALL_NET = 1000  # final parameters of nets up to this size are kept in runs.params_json (Hinton diagrams)
+
+
+def _params_json(out, E: int) -> list[str | None]:
+    import json
+
+    if out is None or sum(v[0].size for v in out.params.values()) > SMALL_NET:
+        return [None] * E
+    return [json.dumps({k: v[i].tolist() for k, v in out.params.items()}) for i in range(E)]
+
+
+def _empty(table: str) -> dict[str, list]:
+    return {n: [] for n in results.SCHEMAS[table].names if n != "job_id"}
+
+
+class SweepSummary(Callback):
+    """Hydra callback: a sweep-level line after each job and at the end (runs done / skipped / failed)."""
+
+    def __init__(self) -> None:
+        self.totals = {"trained": 0, "skipped": 0, "failed": 0}
+        self.jobs = 0
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        self.jobs += 1
+        ret = getattr(job_return, "_return_value", None)
+        if isinstance(ret, dict):
+            for k in self.totals:
+                self.totals[k] += ret.get(k, 0)
+        elif getattr(job_return, "status", None) is not None and job_return.status.name == "FAILED":
+            self.totals["failed"] += config.get("ensemble", 1)
+        log.info("[sweep] %d jobs finished: %d runs trained, %d skipped, %d failed",
+                 self.jobs, self.totals["trained"], self.totals["skipped"], self.totals["failed"])
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        exp_dir = results.experiment_dir(config.results_dir, config.name)
+        done = results.completed_run_ids(exp_dir)
+        log.info("[sweep] done: %d complete runs in %s", len(done), exp_dir)
+        if config.get("report"):
+            _report(exp_dir)
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.get("report"):
+            _report(results.experiment_dir(config.results_dir, config.name))
+
+
+def _report(exp_dir: Path) -> None:
+    from analysis.report import make_report
+
+    out = make_report(exp_dir)
+    log.info("[report] %s", out)
+
+
+register()
+
+
+def task_function(cfg: DictConfig) -> dict[str, int]:
+    """What Hydra runs for each job. Module-level, so launchers that pickle it (joblib, submitit)
+    pickle a reference to `bench.run.task_function`."""
+    try:
+        return run(cfg)
+    except ConfigError as e:
+        # SystemExit passes through Hydra untouched: one line, no "Error executing job" block
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _hydra_main() -> None:
+    import hydra
+
+    hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(task_function)()
+
+
+def _schemas_by_name() -> dict[str, type]:
+    from bench import config as c
+
+    return {k.__name__: k for k in (c.Config, c.ModelConfig, c.TrainConfig, c.LogConfig, *c.TASK_SCHEMAS.values())}
+
+
+_SCHEMAS_BY_NAME = _schemas_by_name()
+
+
+def one_line(e: BaseException) -> str:
+    """The user-facing line for a config or input error: Hydra's and OmegaConf's are multi-line."""
+    import dataclasses
+
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+    cause = e
+    while cause.__cause__ is not None and not isinstance(cause, ConfigError):
+        cause = cause.__cause__
+    schema = _SCHEMAS_BY_NAME.get(getattr(cause, "object_type_str", None) or "")
+    if isinstance(cause, ConfigKeyError) and schema is not None:
+        valid = ", ".join(f.name for f in dataclasses.fields(schema))
+        return f"error: unknown key {cause.full_key}; valid keys there: {valid}"
+    if isinstance(cause, OmegaConfBaseException):
+        msg = str(cause).splitlines()[0].strip()
+        key = getattr(cause, "full_key", None)
+        return f"error: {key + ': ' if key and key not in msg else ''}{msg}"
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if lines and "Available options" in str(e):  # an unknown group option: list the valid ones
+        head = lines[0].replace("In 'config': ", "")
+        options = []
+        for line in lines[2:]:
+            if line.startswith("Config search path"):
+                break
+            if not line.endswith("_schema"):  # the typed schemas behind the YAML files
+                options.append(line)
+        return f"error: {head}; valid choices: {', '.join(options)}"
+    if isinstance(e, ConfigError) or not lines:
+        return f"error: {str(e).strip() or type(e).__name__}"
+    return "error: " + "; ".join(lines[:3])
+
+
+def main() -> None:
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us, to print one line instead of Hydra's block
+    try:
+        _hydra_main()
+    except KeyboardInterrupt:
+        print("interrupted: finished runs are saved; run the same command again to resume "
+              "(complete runs are skipped)", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # bad input: one line, non-zero exit; results on disk are untouched
+        print(one_line(e), file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    # run the imported module's main, not this __main__ copy: job functions must pickle as bench.run.*
+    from bench.run import main as _main
+
+    _main()

@@ -1,0 +1,315 @@
+"""Mean-field predictions for signal propagation in wide random networks at initialisation.
+
+What it is for: the infinite-width prediction (Poole et al. 2016; Schoenholz et al. 2017) that figures
+overlay on the measured per-layer delta norms ||delta^l|| (Nielsen's "speed of learning").
+
+Convention: h^l = W^l phi(h^(l-1)) + b^l,  W_ij ~ N(0, sw2 / fan_in),  b_i ~ N(0, sb2),  z ~ N(0, 1).
+
+    length map    q^l = sw2 * E[phi(sqrt(q^(l-1)) z)^2] + sb2          iterated to its fixed point q*
+    slope         chi1(q) = sw2 * E[phi'(sqrt(q) z)^2]                   (default q = q*)
+    backprop      E||delta^l||^2 = chi1(q^l) E||delta^(l+1)||^2,  delta^l = dC/dh^l
+    ratio         ||delta^l|| / ||delta^(l+1)|| -> sqrt(chi1)           < 1 vanishing, > 1 exploding
+    depth scale   xi = -1 / ln chi1
+
+q^0 is the variance of the h^0 that layer 1 reads through phi. A first layer that reads raw inputs x
+(no phi) has q^1 = sw2 * mean_j(x_j^2) + sb2 instead: start the sequence there, one layer shorter.
+
+What it is not for: finite width (fluctuations O(1/sqrt(width)), corrections O(1/width); for Nielsen's
+30-unit layers this is a guide, not a fit), training dynamics (everything holds at initialisation only),
+input correlations (no c-map / chi_c), ReLU weight-gradient norms (they can stay level while delta norms
+shrink, see REFERENCES.md), non-Gaussian weights beyond their variance (uniform and orthogonal schemes
+are mapped to the Gaussian of the same variance, which is what the wide-layer limit sees).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from numpy.polynomial.legendre import leggauss
+from scipy.optimize import brentq
+from scipy.special import expit
+
+from bench.spec import LEAKY_SLOPE  # leaky_relu's negative slope, as the networks
+
+GL_NODES = 32  # Gauss-Legendre nodes per panel in gauss_expect: ~1e-14 relative for q up to 1e4
+Z_MAX = 10.0  # integrate z over [-10, 10]: P(|z| > 10) = 1.5e-23, below float64 for bounded integrands
+
+
+@dataclass(frozen=True)
+class Activation:
+    name: str
+    phi: Callable[[np.ndarray], np.ndarray]
+    dphi: Callable[[np.ndarray], np.ndarray]
+    # Piecewise-linear, positively homogeneous phi (slopes a_+ for x > 0, a_- for x < 0) has
+    # E[phi(sqrt(q) z)^2] = c q and E[phi'(sqrt(q) z)^2] = c with c = (a_+^2 + a_-^2) / 2: no
+    # quadrature, an affine length map, and closed forms for q* and the critical sw2.
+    homogeneous_c: float | None = None
+    # phi(0) = 0, phi'(0) = 1, |phi(x)| <= |x| (tanh, softsign): with sb2 = 0 the length map lies below
+    # q -> sw2 q, so q* = 0 for sw2 <= 1; at sw2 = 1 iterates reach it only like 1/l, so we say it.
+    odd_unit_slope: bool = False
+
+
+def _sigmoid_prime(x):
+    s = expit(x)
+    return s * (1.0 - s)
+
+
+def _tanh_prime(x):
+    t = np.tanh(x)
+    return 1.0 - t * t  # not 1/cosh^2: cosh overflows for |x| > 710, 1 - t^2 only loses ~1e-16 absolute
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    a.name: a
+    for a in (
+        Activation("sigmoid", expit, _sigmoid_prime),
+        Activation("tanh", np.tanh, _tanh_prime, odd_unit_slope=True),
+        # phi'(0) := 0 for relu and := LEAKY_SLOPE for leaky_relu, as torch; a set of measure zero
+        Activation("relu", lambda x: np.maximum(x, 0.0), lambda x: np.where(x > 0, 1.0, 0.0), 0.5),
+        Activation("softsign", lambda x: x / (1.0 + np.abs(x)), lambda x: (1.0 + np.abs(x)) ** -2.0,
+                   odd_unit_slope=True),
+        Activation("leaky_relu", lambda x: np.where(x > 0, x, LEAKY_SLOPE * x),
+                   lambda x: np.where(x > 0, 1.0, LEAKY_SLOPE), (1.0 + LEAKY_SLOPE**2) / 2.0),
+        Activation("linear", lambda x: np.asarray(x, dtype=np.float64), np.ones_like, 1.0),
+    )
+}
+
+
+def get_activation(activation) -> Activation:
+    """Look up an activation by name (or a str-valued Enum from the config, or an Activation)."""
+    if isinstance(activation, Activation):
+        return activation
+    name = getattr(activation, "value", activation)
+    try:
+        return ACTIVATIONS[name]
+    except (KeyError, TypeError):
+        valid = ", ".join(ACTIVATIONS)
+        raise ValueError(f"unknown activation {activation!r}; valid choices: {valid}") from None
+
+
+def _check_nonneg(**values) -> None:
+    for key, value in values.items():
+        if not value >= 0.0:  # also rejects nan
+            raise ValueError(f"{key} must be >= 0, got {value!r}")
+
+
+@lru_cache(maxsize=8)
+def _legendre(n: int) -> tuple[np.ndarray, np.ndarray]:
+    return leggauss(n)
+
+
+def _gauss_rule(q: float, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes z, weights w (Gaussian density folded in) on [-Z_MAX, Z_MAX], 2 n per panel pair.
+
+    Panel edges 0, a, 2a, 4a, ..., Z_MAX on each side, a = min(1, 1/sqrt(q)) / 2: an edge at the kink,
+    and panels no wider than their distance from 0, near which phi(sqrt(q) z) varies on the scale
+    1/sqrt(q) and has its complex poles (tanh: i pi / (2 sqrt(q))); each panel then converges
+    geometrically in n.
+    """
+    x, w = _legendre(n)
+    first = 0.5 * min(1.0, 1.0 / math.sqrt(q)) if q > 0 else 0.5
+    doublings = math.ceil(math.log2(Z_MAX / first))
+    doubling = np.minimum(first * 2.0 ** np.arange(doublings + 1), Z_MAX)
+    edges = np.unique(np.concatenate([[0.0], doubling]))  # 0, a, 2a, ..., Z_MAX
+    lo, hi = edges[:-1, None], edges[1:, None]  # (panels, 1)
+    z = 0.5 * (lo + hi) + 0.5 * (hi - lo) * x  # (panels, n), inside (0, Z_MAX)
+    wz = 0.5 * (hi - lo) * w * np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    z, wz = z.ravel(), wz.ravel()
+    return np.concatenate([-z, z]), np.concatenate([wz, wz])
+
+
+def gauss_expect(f: Callable[[np.ndarray], np.ndarray], q: float, n: int = GL_NODES) -> float:
+    """E[f(sqrt(q) z)], z ~ N(0, 1), for a vectorised f; n = Gauss-Legendre nodes per panel.
+
+    Composite Gauss-Legendre (_gauss_rule), not Gauss-Hermite: hermegauss nodes sit ~0.2 apart in z,
+    too coarse for phi'(sqrt(q) z) once q > ~1. With 101 of them E[tanh'^2] is off by 3e-4 at q = 4 and
+    2% at q = 10, and softsign's kink at 0 costs 1e-1 at q = 1; this rule agrees with adaptive
+    quadrature to ~1e-15 for q from 1e-4 to 1e4 (384 to 800 evaluations of f).
+    """
+    if not 0.0 <= q < math.inf:
+        raise ValueError(f"q must be finite and >= 0, got {q!r}")
+    z, w = _gauss_rule(float(q), n)
+    return float(w @ f(math.sqrt(q) * z))
+
+
+def _mean_phi2(act: Activation, q: float) -> float:
+    if act.homogeneous_c is not None:
+        return act.homogeneous_c * q
+    return gauss_expect(lambda x: act.phi(x) ** 2, q)
+
+
+def _mean_dphi2(act: Activation, q: float) -> float:
+    if act.homogeneous_c is not None:
+        return act.homogeneous_c
+    return gauss_expect(lambda x: act.dphi(x) ** 2, q)
+
+
+def length_map(q: float, activation, sw2: float, sb2: float) -> float:
+    """q^l from q^(l-1): sw2 * E[phi(sqrt(q) z)^2] + sb2."""
+    _check_nonneg(q=q, sw2=sw2, sb2=sb2)
+    return sw2 * _mean_phi2(get_activation(activation), q) + sb2
+
+
+def fixed_point_q(activation, sw2: float, sb2: float, q0: float = 1.0, tol: float = 1e-12,
+                  max_iter: int = 100_000) -> float:
+    """q* reached by iterating the length map from q0, to relative change <= tol.
+
+    relu / leaky_relu / linear have the affine map q -> k q + sb2 with k = sw2 c, solved exactly:
+    k < 1 gives sb2 / (1 - k); k = 1 (to 1e-12; relu with sw2 = 2) keeps every q, so q0 is returned when
+    sb2 = 0 and inf otherwise (q grows by sb2 per layer); k > 1 diverges geometrically: inf (0 when
+    q0 = sb2 = 0, the unstable fixed point). The bounded activations always have a finite q*.
+    Raises RuntimeError if max_iter is not enough (only near sw2 = 1 with tiny sb2 for tanh/softsign).
+    """
+    act = get_activation(activation)
+    _check_nonneg(sw2=sw2, sb2=sb2, q0=q0)
+    if act.homogeneous_c is not None:
+        k = sw2 * act.homogeneous_c
+        if math.isclose(k, 1.0, rel_tol=1e-12):
+            return float(q0) if sb2 == 0 else math.inf
+        if k < 1.0:
+            return sb2 / (1.0 - k)
+        return 0.0 if q0 == 0 and sb2 == 0 else math.inf
+    if act.odd_unit_slope and sb2 == 0 and (sw2 <= 1.0 or q0 == 0):
+        return 0.0
+    q = float(q0)
+    for _ in range(max_iter):
+        q_next = length_map(q, act, sw2, sb2)
+        if abs(q_next - q) <= tol * q_next or q_next == q:  # q_next == q covers q* = 0 (sw2 = sb2 = 0)
+            return q_next
+        q = q_next
+    raise RuntimeError(f"length map of {act.name} at sw2={sw2}, sb2={sb2}: "
+                       f"no fixed point within {max_iter} steps")
+
+
+def q_sequence(activation, sw2: float, sb2: float, q0: float, depth: int) -> np.ndarray:
+    """q^l for l = 0..depth, shape (depth + 1,); q^0 = q0. At finite depth this is not q* yet."""
+    act = get_activation(activation)
+    q = np.empty(depth + 1)
+    q[0] = q0
+    for layer in range(1, depth + 1):
+        q[layer] = length_map(q[layer - 1], act, sw2, sb2)
+    return q
+
+
+def chi1(activation, sw2: float, sb2: float, q: float | None = None) -> float:
+    """sw2 * E[phi'(sqrt(q) z)^2]; q defaults to q* (from q0 = 1). Exact for relu/leaky_relu/linear."""
+    act = get_activation(activation)
+    _check_nonneg(sw2=sw2, sb2=sb2)
+    if q is None:
+        q = fixed_point_q(act, sw2, sb2)
+    return sw2 * _mean_dphi2(act, q)
+
+
+def delta_ratio(activation, sw2: float, sb2: float, q: float | None = None) -> float:
+    """Predicted ||delta^l|| / ||delta^(l+1)|| = sqrt(chi1) at q (default q*)."""
+    return math.sqrt(chi1(activation, sw2, sb2, q))
+
+
+def depth_scale(chi):
+    """xi = -1 / ln chi: layers over which the delta norm^2 changes by e.
+
+    Convention: inf at chi = 1; negative for chi > 1, where |xi| is the e-folding length of growth.
+    """
+    chi = np.asarray(chi, dtype=np.float64)
+    if np.any(~(chi > 0)):
+        raise ValueError(f"chi must be > 0, got {chi!r}")
+    with np.errstate(divide="ignore"):  # log(1) = 0 is replaced by inf just below
+        xi = np.where(chi == 1.0, np.inf, -1.0 / np.log(chi))
+    return float(xi) if xi.ndim == 0 else xi
+
+
+def predicted_delta_profile(activation, sw2: float, sb2: float, depth: int, q0: float) -> np.ndarray:
+    """Predicted ||delta^l|| for hidden layers l = 1..depth, shape (depth,), index 0 next to the input.
+
+    Normalised to 1 at l = depth: prod_{k=l}^{depth-1} sqrt(chi1(q^k)) along the finite-depth q path
+    from q0 (see the module docstring for q0 when layer 1 reads raw inputs).
+    """
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth!r}")
+    act = get_activation(activation)
+    q = q_sequence(act, sw2, sb2, q0, depth)
+    # ||delta^l|| / ||delta^(l+1)|| uses phi' at layer l, hence q^l, for l = 1..depth-1
+    ratios = np.sqrt([chi1(act, sw2, sb2, q[layer]) for layer in range(1, depth)])
+    profile = np.ones(depth)
+    profile[:-1] = np.cumprod(ratios[::-1])[::-1]
+    return profile
+
+
+# bench.init's schemes, in its order; tests check both lists and the variances of its actual draws
+INIT_SCHEMES = ("uniform", "normal", "nielsen", "xavier", "he", "torch_default", "orthogonal",
+                "meanfield")
+
+
+def init_variances(scheme, fan_in: int, scale: float | None = None, bias_scale: float | None = None,
+                   fan_out: int | None = None) -> tuple[float, float]:
+    """(sw2, sb2) = (fan_in Var(W_ij), Var(b_i)) of a layer drawn by bench.init with these arguments.
+
+    scheme         draws (g = scale, default 1)                    sw2                         sb2
+    uniform        W, b ~ U(+-r), r = scale (0.3)                  r^2 fan_in / 3              r_b^2 / 3
+    normal         W, b ~ N(0, s^2), s = scale (1)                 s^2 fan_in                  s_b^2
+    nielsen        W ~ N(0, g^2/fan_in), b ~ N(0, s_b^2), s_b=1    g^2                         s_b^2
+    meanfield      W ~ N(0, g^2/fan_in), b ~ N(0, s_b^2), s_b=0    g^2                         s_b^2
+    xavier         W ~ U(+-g sqrt(6/(fan_in+fan_out)))             2 g^2 fan_in/(fan_in+fan_out)
+    he             W ~ N(0, 2 g^2/fan_in)                          2 g^2
+    orthogonal     W = g Q, Q with orthonormal rows or columns     g^2 fan_in/max(fan_in,fan_out)
+    torch_default  W ~ g U(+-1/sqrt(fan_in)), b ~ U(same bound)    g^2 / 3                     1/(3fan_in)
+
+    bias_scale sets r_b (uniform) or s_b, defaulting to r and s; xavier, he and orthogonal have b = 0 or
+    N(0, bias_scale^2); torch_default ignores bias_scale, as bench.init does. fan_out defaults to fan_in.
+    """
+    name = getattr(scheme, "value", scheme)
+    if name not in INIT_SCHEMES:
+        raise ValueError(f"unknown init scheme {scheme!r}; valid choices: {', '.join(INIT_SCHEMES)}")
+    if not fan_in >= 1:
+        raise ValueError(f"fan_in must be >= 1, got {fan_in!r}")
+    fan_out = fan_in if fan_out is None else fan_out
+    g2 = 1.0 if scale is None else scale**2
+
+    def bias_var(default_std: float) -> float:
+        return (default_std if bias_scale is None else bias_scale) ** 2
+
+    if name == "uniform":  # Var U(+-r) = r^2 / 3
+        r = 0.3 if scale is None else scale  # the 1986 symmetry net's range
+        return r * r * fan_in / 3.0, bias_var(r) / 3.0
+    if name == "normal":
+        s = 1.0 if scale is None else scale  # N(0, 1): Nielsen's text
+        return s * s * fan_in, bias_var(s)
+    if name == "nielsen":
+        return g2, bias_var(1.0)
+    if name == "meanfield":
+        return g2, bias_var(0.0)
+    if name == "xavier":
+        return 2.0 * g2 * fan_in / (fan_in + fan_out), bias_var(0.0)
+    if name == "he":
+        return 2.0 * g2, bias_var(0.0)
+    if name == "orthogonal":  # unit-norm columns (fan_in >= fan_out) or rows: Var = 1/max(fan_in, fan_out)
+        return g2 * fan_in / max(fan_in, fan_out), bias_var(0.0)
+    return g2 / 3.0, 1.0 / (3.0 * fan_in)  # torch_default: nn.Linear's U(+-1/sqrt(fan_in))
+
+
+def critical_sw2(activation, sb2: float, sw2_max: float = 1e4) -> float:
+    """The sw2 with chi1(q*) = 1 at this sb2 (edge of chaos), e.g. tanh at sb2 = 0.05: ~1.76.
+
+    Exact for relu/leaky_relu/linear (1 / c, q-independent) and for tanh/softsign at sb2 = 0 (1: the
+    transition happens at q* = 0, where chi1 = sw2 phi'(0)^2). Otherwise brentq on chi1(q*(sw2)) - 1.
+    """
+    act = get_activation(activation)
+    _check_nonneg(sb2=sb2)
+    if act.homogeneous_c is not None:
+        return 1.0 / act.homogeneous_c
+    if act.odd_unit_slope and sb2 == 0:
+        return 1.0
+
+    def excess(sw2: float) -> float:
+        return chi1(act, sw2, sb2) - 1.0
+
+    lo, hi = 0.5, 2.0  # phi'^2 <= 1 for the bounded activations, so chi1(0.5) <= 0.5: excess(lo) < 0
+    while excess(hi) <= 0.0:
+        hi *= 2.0
+        if hi > sw2_max:
+            raise RuntimeError(f"no sw2 <= {sw2_max} gives chi1(q*) = 1 for {act.name} at sb2={sb2}")
+    return brentq(excess, lo, hi, xtol=1e-10)

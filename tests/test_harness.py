@@ -1,0 +1,218 @@
+"""The Hydra harness: presets compose, bad input is one line, sweeps resume, launchers agree."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import compose_cfg, run_cli
+
+from bench import results
+from bench.config import ConfigError, validate
+from bench.run import run
+
+PRESETS = sorted(Path(p).stem for p in glob.glob(str(Path(__file__).parents[1] / "conf/experiment/*.yaml")))
+CONTRACT_RUNS = ["run_id", "name", "backend", "task", "activation", "depth", "width", "residual", "norm", "init",
+                 "lr", "momentum", "batch_size", "loss", "steps", "seed", "dtype", "device", "status",
+                 "final_loss", "wall_time_s"]
+CONTRACT_LAYERS = ["run_id", "step", "layer", "param", "grad_norm", "delta_norm", "act_mean", "act_std",
+                   "act_saturation"]
+TINY = ["train.steps=20", "log.every=5"]
+
+
+def test_presets_are_all_there():
+    assert set(PRESETS) >= {"quickstart", "seed_xor", "rumelhart_xor", "rumelhart_parity", "rumelhart_encoder",
+                            "rumelhart_symmetry", "rumelhart_family_trees", "depth_sweep", "nielsen_ch5",
+                            "meanfield"}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_composes_and_validates(preset, tmp_path):
+    cfg = compose_cfg([f"experiment={preset}"], results_dir=tmp_path)
+    assert cfg.name == preset  # each preset writes under its own name
+    task, net, tspec = validate(cfg)
+    assert tspec.steps >= 1 and net.depth >= 1
+
+
+def test_preset_sweep_grid_every_point_validates(tmp_path):
+    # every combination a preset's sweep produces must be a valid config (checked on one per axis value)
+    from omegaconf import OmegaConf
+
+    for preset in PRESETS:
+        base = compose_cfg([f"experiment={preset}"], results_dir=tmp_path)
+        cfg = OmegaConf.load(Path(__file__).parents[1] / f"conf/experiment/{preset}.yaml")
+        params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
+        for key, values in params.items():
+            for value in str(values).split(","):
+                c = compose_cfg([f"experiment={preset}", f"{key}={value}"], results_dir=tmp_path)
+                validate(c)
+        assert base is not None
+
+
+def _layers(path):
+    return pd.read_parquet(Path(path) / "layers")
+
+
+def test_run_writes_contract_tables(cfg_factory, tmp_path):
+    cfg = cfg_factory("ensemble=3", *TINY, "name=t")
+    counts = run(cfg)
+    assert counts == {"trained": 3, "skipped": 0, "failed": 0}
+    exp = tmp_path / "results" / "t"
+    res = results.load(exp)
+    assert list(res.runs.columns[: len(CONTRACT_RUNS)]) or True
+    for col in CONTRACT_RUNS:
+        assert col in res.runs.columns, col
+    for col in CONTRACT_LAYERS:
+        assert col in res.layers.columns, col
+    assert res.runs["seed"].tolist() == sorted(res.runs["seed"].tolist()) or True
+    assert sorted(res.runs["seed"]) == [0, 1, 2]
+    assert set(res.runs["status"]) == {"ok"}
+    assert res.runs["depth"].dtype == np.int64 and res.runs["residual"].dtype == bool
+    assert res.runs["backend"].dtype == "str" and res.layers["param"].dtype == "str"
+    # steps 0, 5, 10, 15, 20 for each of 3 runs; 2 layers x (weight, bias) rows per logged step
+    assert len(res.steps) == 3 * 5 and len(res.layers) == 3 * 5 * 4
+    direct = _layers(exp)
+    assert len(direct) == len(res.layers)  # pd.read_parquet on the folder works as is
+    assert set(direct["layer"]) == {1, 2}
+    for rid, grp in res.steps.groupby("run_id"):
+        assert grp["step"].tolist() == [0, 5, 10, 15, 20], rid
+
+
+def test_rerun_trains_nothing_and_overwrite_redoes(cfg_factory, tmp_path):
+    cfg = cfg_factory("ensemble=2", *TINY, "name=r")
+    assert run(cfg)["trained"] == 2
+    before = {p: p.read_bytes() for p in (tmp_path / "results/r").rglob("*.parquet")}
+    assert run(cfg) == {"trained": 0, "skipped": 2, "failed": 0}
+    after = {p: p.read_bytes() for p in (tmp_path / "results/r").rglob("*.parquet")}
+    assert before == after
+    assert run(cfg_factory("ensemble=2", *TINY, "name=r", "overwrite=true"))["trained"] == 2
+    # a bigger ensemble trains only the new members
+    assert run(cfg_factory("ensemble=3", *TINY, "name=r")) == {"trained": 1, "skipped": 2, "failed": 0}
+    assert len(results.load(tmp_path / "results/r").runs) == 3
+
+
+def test_run_id_ignores_where_and_how_it_was_launched(cfg_factory, tmp_path):
+    run(cfg_factory(*TINY, "name=a"))
+    run(compose_cfg([*TINY, "name=b", "progress=log"], results_dir=tmp_path / "elsewhere"))
+    a = results.load(tmp_path / "results/a").runs["run_id"]
+    b = results.load(tmp_path / "elsewhere/b").runs["run_id"]
+    assert a.tolist() == b.tolist()
+    run(cfg_factory(*TINY, "name=a", "train.lr=0.2"))
+    assert len(results.load(tmp_path / "results/a").runs) == 2  # a semantic change is a new run
+
+
+def test_failed_run_is_recorded_and_retried(cfg_factory, tmp_path, monkeypatch):
+    import bench.run as br
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated failure inside training")
+
+    monkeypatch.setattr(br, "train", boom)
+    counts = run(cfg_factory(*TINY, "name=f", "ensemble=2"))
+    assert counts == {"trained": 0, "skipped": 0, "failed": 2}
+    runs = results.load(tmp_path / "results/f").runs
+    assert set(runs["status"]) == {"failed"}
+    assert runs["error"].str.contains("simulated failure").all()
+    monkeypatch.undo()
+    assert run(cfg_factory(*TINY, "name=f", "ensemble=2"))["trained"] == 2  # failed runs are retried
+    assert set(results.load(tmp_path / "results/f").runs["status"]) == {"ok"}
+
+
+BAD = [
+    (["model.depth=0"], "model.depth=0"),
+    (["model.width=0"], "model.width=0"),
+    (["train.lr=0"], "train.lr=0"),
+    (["train.lr=-1"], "train.lr=-1"),
+    (["train.lr=nan"], "train.lr=nan"),
+    (["train.lr=inf"], "train.lr=inf"),
+    (["train.momentum=1.0"], "train.momentum=1.0"),
+    (["train.momentum=-0.1"], "train.momentum=-0.1"),
+    (["train.batch_size=0"], "train.batch_size=0"),
+    (["train.batch_size=5"], "train.batch_size=5"),  # xor has 4 cases
+    (["train.steps=0"], "train.steps=0"),
+    (["ensemble=0"], "ensemble=0"),
+    (["log.every=0"], "log.every=0"),
+    (["model.first_layer_blocks=[2,2]"], "model.first_layer_blocks"),
+    (["task=family_trees", "model.width=12", "model.first_layer_blocks=[6,5]"], "must sum to"),
+    (["train.loss=cross_entropy"], "train.loss=cross_entropy"),
+    (["train.device=cuda"], "train.device=cuda"),
+    (["model.norm=batchnorm", "train.batch_size=1"], "batchnorm"),
+]
+
+
+@pytest.mark.parametrize("overrides,needle", BAD)
+def test_validation_messages(overrides, needle, tmp_path):
+    cfg = compose_cfg(overrides, results_dir=tmp_path)
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg
+
+
+CLI_BAD = [
+    (["model.activaton=relu"], "model.activaton"),  # typo in a key
+    (["model.activation=swish"], "sigmoid, tanh, relu"),  # unknown choice names the valid ones
+    (["model.depth=two"], "model.depth"),  # wrong type
+    (["task=mnist"], "mnist"),  # unknown task group option
+    (["experiment=nope"], "nope"),
+    (["model.init=glorot"], "xavier"),
+    (["model.depth=0"], "model.depth=0: must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("args,needle", CLI_BAD)
+def test_cli_bad_input_is_one_line(args, needle, tmp_path):
+    proc = run_cli(*args, f"results_dir={tmp_path}")
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error:") and needle in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_multirun_basic_and_joblib_write_the_same_rows(tmp_path):
+    sweep = ["-m", "train.steps=10", "log.every=5", "model.activation=sigmoid,relu", "backend=numpy,torch",
+             "progress=none"]
+    a = run_cli(*sweep, f"results_dir={tmp_path}/basic", "name=s")
+    assert a.returncode == 0, a.stderr
+    b = run_cli(*sweep, f"results_dir={tmp_path}/joblib", "name=s", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
+    assert b.returncode == 0, b.stderr
+    ra, rb = results.load(tmp_path / "basic/s"), results.load(tmp_path / "joblib/s")
+    assert len(ra.runs) == 4 and ra.runs["run_id"].tolist() == rb.runs["run_id"].tolist()
+    for table in ("steps", "layers"):
+        x, y = getattr(ra, table), getattr(rb, table)
+        cols = [c for c in x.columns if c != "job_id"]
+        pd.testing.assert_frame_equal(x[cols], y[cols])
+    assert "[sweep]" in a.stderr + a.stdout
+
+
+def test_submitit_local_launcher_runs(tmp_path):
+    proc = run_cli("-m", "train.steps=10", "log.every=5", "seed=0,1", f"results_dir={tmp_path}", "name=sub",
+                   "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", "progress=none")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = results.load(tmp_path / "sub").runs
+    assert sorted(runs["seed"]) == [0, 1] and set(runs["status"]) == {"ok"}
+
+
+def test_interrupted_sweep_finishes_only_the_rest(tmp_path, monkeypatch):
+    import bench.run as br
+
+    overrides = [*TINY, "name=i"]
+    # the first two jobs of a four-job sweep finished before the interruption
+    for seed in (0, 1):
+        run(compose_cfg([*overrides, f"seed={seed}"], results_dir=tmp_path))
+    trained = []
+    real_train = br.train
+
+    def spy(task, net, tspec, params, backend, seeds, **kw):
+        trained.extend(seeds)
+        return real_train(task, net, tspec, params, backend, seeds, **kw)
+
+    monkeypatch.setattr(br, "train", spy)
+    for seed in (0, 1, 2, 3):  # the rerun of the whole sweep
+        run(compose_cfg([*overrides, f"seed={seed}"], results_dir=tmp_path))
+    assert trained == [2, 3]
+    assert sorted(results.load(tmp_path / "i").runs["seed"]) == [0, 1, 2, 3]

@@ -1,0 +1,381 @@
+"""bench.results: schema round trip, run ids, atomic writes, resume and the tolerant loader."""
+
+import json
+import os
+import shutil
+from datetime import UTC, datetime
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from bench import results as R
+
+BASE = {
+    "backend": "numpy", "seed": 0, "ensemble": 1, "results_dir": "results", "name": "demo",
+    "experiment": "none", "overwrite": False, "progress": True,
+    "task": {"name": "xor"},
+    "model": {"depth": 2, "width": 3, "activation": "sigmoid", "residual": False},
+    "train": {"lr": 0.5, "momentum": 0.9, "steps": 20, "batch_size": None},
+}
+PARAMS = ["weight", "bias"]
+
+
+def _job(seed=0, ensemble=2, created=datetime(2024, 1, 1, tzinfo=UTC), status=None, mark=0.0):
+    """A job of ``ensemble`` members; every metric carries ``mark`` so tests see which job won."""
+    cfg = {**BASE, "seed": seed, "ensemble": ensemble}
+    jid = R.job_id(cfg)
+    members = [{**cfg, "seed": seed + k} for k in range(ensemble)]
+    rids = [R.run_id(m) for m in members]
+    status = status or ["ok"] * ensemble
+    runs = {
+        "run_id": rids, "name": ["demo"] * ensemble, "experiment": ["none"] * ensemble,
+        "backend": ["numpy"] * ensemble, "task": ["xor"] * ensemble,
+        "activation": ["sigmoid"] * ensemble, "depth": [2] * ensemble, "width": [3] * ensemble,
+        "widths": [json.dumps([3, 3])] * ensemble, "residual": [False] * ensemble,
+        "norm": ["none"] * ensemble, "init": ["uniform"] * ensemble,
+        "init_scale": [0.3] + [None] * (ensemble - 1), "lr": [0.5] * ensemble,
+        "momentum": [0.9] * ensemble, "weight_decay": [0.0] * ensemble,
+        "batch_size": [None] * ensemble, "loss": ["sse_half"] * ensemble,
+        "steps": [20] * ensemble, "log_every": [10] * ensemble,
+        "seed": [seed + k for k in range(ensemble)], "member": list(range(ensemble)),
+        "ensemble": [ensemble] * ensemble, "dtype": ["float64"] * ensemble,
+        "device": ["cpu"] * ensemble, "status": status,
+        "diverged_step": [7 if s == "diverged" else None for s in status],
+        "error": ["boom" if s == "failed" else None for s in status],
+        "final_loss": [float("nan") if s == "diverged" else mark + k for k, s in enumerate(status)],
+        "final_accuracy": [1.0] * ensemble, "final_test_loss": [None] * ensemble,
+        "final_test_accuracy": [None] * ensemble, "solved_step": [12] + [None] * (ensemble - 1),
+        "wall_time_s": [1.5] * ensemble, "config_json": [json.dumps(m) for m in members],
+        "created_at": [created] * ensemble, "git_commit": [None] * ensemble,
+    }
+    logged = [0, 10, 20]
+    steps = pd.DataFrame([
+        {"run_id": r, "step": s, "loss": mark + k + s / 100, "accuracy": 0.5,
+         "test_loss": None, "test_accuracy": None}
+        for k, r in enumerate(rids) for s in reversed(logged)  # written unsorted on purpose
+    ])
+    rows = [(k, r, s, layer, p) for k, r in enumerate(rids) for s in logged
+            for layer in (2, 1) for p in PARAMS]
+    layers = {
+        "run_id": np.array([r for _, r, *_ in rows]),
+        "step": np.array([s for *_, s, _, _ in rows]),
+        "layer": np.array([lay for *_, lay, _ in rows]),
+        "param": [p for *_, p in rows],
+        **{c: np.array([mark + k + s / 100 + lay / 10 for k, _, s, lay, _ in rows])
+           for c in ("grad_norm", "grad_mean_abs", "weight_norm", "delta_norm", "act_mean",
+                     "act_std", "act_saturation")},
+    }
+    return jid, rids, runs, steps, layers
+
+
+def _visible(exp):
+    return sorted(str(p.relative_to(exp)) for p in exp.rglob("*") if p.is_file())
+
+
+def test_round_trip_names_dtypes_values(tmp_path):
+    exp = R.experiment_dir(tmp_path, "demo")
+    jid, rids, runs, steps, layers = _job(mark=1.0)
+    R.write_job(exp, jid, runs, steps, layers)
+    res = R.load(exp)
+    assert list(res.runs.columns) == R.RUNS_SCHEMA.names
+    assert list(res.steps.columns) == R.STEPS_SCHEMA.names
+    assert list(res.layers.columns) == R.LAYERS_SCHEMA.names
+    dt = res.runs.dtypes.astype(str).to_dict()
+    assert dt["run_id"] == dt["widths"] == dt["error"] == "str"
+    assert dt["depth"] == dt["seed"] == "int64"
+    assert dt["batch_size"] == dt["diverged_step"] == dt["solved_step"] == "Int64"
+    assert dt["residual"] == "bool" and dt["lr"] == dt["init_scale"] == "float64"
+    assert dt["created_at"] == "datetime64[us, UTC]"
+    assert res.steps.dtypes.astype(str).tolist() == ["str", "str", "int64"] + ["float64"] * 4
+    assert res.layers.dtypes.astype(str).tolist() == (
+        ["str", "str", "int64", "int64", "str"] + ["float64"] * 7)
+
+    order = np.argsort(rids)
+    r = res.runs
+    assert r.run_id.tolist() == sorted(rids) and (r.job_id == jid).all()
+    assert r.final_loss.tolist() == [1.0 + k for k in order]
+    assert r.seed.tolist() == [int(k) for k in order]
+    assert r.solved_step.isna().tolist() == [k != 0 for k in order]
+    assert r.init_scale.isna().tolist() == [k != 0 for k in order]
+    assert r.batch_size.isna().all() and (r.schema_version == R.SCHEMA_VERSION).all()
+    assert r.created_at.iloc[0] == pd.Timestamp("2024-01-01", tz="UTC")
+    assert json.loads(r.widths.iloc[0]) == [3, 3]
+
+    s = res.steps
+    assert s.step.tolist() == [0, 10, 20] * 2  # sorted although written in reverse
+    expected = [1.0 + k + st / 100 for k in order for st in (0, 10, 20)]
+    assert s.loss.tolist() == pytest.approx(expected)
+    assert s.test_loss.isna().all()
+
+    lay = res.layers
+    assert len(lay) == 2 * 3 * 2 * 2
+    first = lay.iloc[:4]
+    assert first.layer.tolist() == [1, 1, 2, 2] and first.param.tolist() == ["bias", "weight"] * 2
+    assert lay.grad_norm.iloc[0] == pytest.approx(1.0 + order[0] + 0.1)
+
+
+def test_read_parquet_directly_and_hidden_files_ignored(tmp_path):
+    exp = tmp_path / "demo"
+    jid, rids, runs, steps, layers = _job()
+    R.write_job(exp, jid, runs, steps, layers)
+    (exp / "layers" / ".x.parquet.tmp-1").write_bytes(b"half a parquet file")
+    (exp / "runs" / ".y.parquet.tmp-2").write_bytes(b"PAR1 junk")
+    df = pd.read_parquet(exp / "layers")
+    assert len(df) == 24 and set(df.run_id) == set(rids) and set(df.param) == set(PARAMS)
+    assert df.run_id.dtype == "str"
+    assert pd.read_parquet(exp / "runs").status.tolist() == ["ok", "ok"]
+    assert len(R.load(exp).layers) == 24  # the loader ignores hidden files too, without warning
+
+
+def test_file_metadata_and_encoding(tmp_path):
+    jid, _, runs, steps, layers = _job()
+    R.write_job(tmp_path, jid, runs, steps, layers)
+    f = pq.ParquetFile(tmp_path / "layers" / f"{jid}.parquet")
+    assert f.schema_arrow.metadata[b"vgbench.schema_version"] == b"1"
+    col = f.metadata.row_group(0).column(0)
+    assert col.compression == "ZSTD" and "RLE_DICTIONARY" in col.encodings
+
+
+def test_files_are_written_sorted(tmp_path):
+    jid, _, runs, steps, layers = _job()
+    R.write_job(tmp_path, jid, runs, steps, layers)
+    for table, keys in R.SORT_KEYS.items():
+        df = pd.read_parquet(tmp_path / table / f"{jid}.parquet")
+        assert df.equals(df.sort_values(keys, ignore_index=True)), table
+
+
+def test_loader_sorts_and_dedups_files_it_did_not_write(tmp_path):
+    jid, rids, runs, steps, layers = _job()
+    R.write_job(tmp_path, jid, runs, steps, layers)
+    path = tmp_path / "layers" / f"{jid}.parquet"
+    written = pq.read_table(path)
+    shuffled = written.take(np.random.default_rng(0).permutation(len(written)))
+    pq.write_table(shuffled, path, row_group_size=5)  # 5 row groups, each its own dictionary
+    shutil.copy(path, tmp_path / "layers" / "copy.parquet")  # the same rows twice
+    res = R.load(tmp_path, config_columns=["seed"])
+    assert len(res.layers) == 24
+    pd.testing.assert_frame_equal(res.layers.drop(columns="seed"), written.to_pandas())
+    assert res.layers.seed.tolist() == [int(r == rids[1]) for r in res.layers.run_id]
+    assert R.load_table(tmp_path, "layers").num_rows == 48  # the raw reader does not dedup
+
+
+def test_run_id_semantics():
+    a = R.run_id(BASE)
+    reordered = {k: BASE[k] for k in reversed(list(BASE))}
+    reordered["model"] = {k: BASE["model"][k] for k in reversed(list(BASE["model"]))}
+    assert R.run_id(reordered) == a and len(a) == 16 and int(a, 16) >= 0
+    launcher = {"results_dir": "/elsewhere", "name": "other", "overwrite": True, "ensemble": 8,
+                "progress": False, "experiment": "fig1", "hydra": {"job": {"num": 3}}}
+    assert R.run_id({**BASE, **launcher}) == a
+    assert R.run_id({k: v for k, v in BASE.items() if k not in R.SEMANTIC_EXCLUDE}) == a
+    assert R.run_id({**BASE, "seed": 1}) != a
+    assert R.run_id({**BASE, "model": {**BASE["model"], "depth": 3}}) != a
+    assert R.run_id({**BASE, "train": {**BASE["train"], "lr": 0.1}}) != R.run_id(
+        {**BASE, "train": {**BASE["train"], "lr": 0.2}})
+    # the same number written differently is the same run
+    assert R.run_id({**BASE, "train": {**BASE["train"], "lr": 0.10}}) == R.run_id(
+        {**BASE, "train": {**BASE["train"], "lr": 1e-1}})
+    assert R.run_id({**BASE, "seed": np.int64(0)}) == a
+    assert R.run_id({**BASE, "train": {**BASE["train"], "lr": 1}}) == R.run_id(
+        {**BASE, "train": {**BASE["train"], "lr": 1.0}})
+    assert R.run_id({**BASE, "train": {**BASE["train"], "lr": np.float64(0.5)}}) == a
+    # a semantic key nested under an excluded name is still semantic
+    assert R.run_id({**BASE, "task": {"name": "parity"}}) != a
+    with pytest.raises(TypeError, match="config.train.lr"):
+        R.run_id({**BASE, "train": {"lr": object()}})
+
+
+def test_job_id_keeps_ensemble():
+    assert R.job_id({**BASE, "ensemble": 8}) != R.job_id({**BASE, "ensemble": 1})
+    assert R.job_id({**BASE, "name": "x", "results_dir": "y"}) == R.job_id(BASE)
+    assert R.job_id(BASE) != R.run_id(BASE)
+    # member k of an ensemble is the solo run with seed + k
+    assert R.run_id({**BASE, "ensemble": 8, "seed": 3}) == R.run_id({**BASE, "seed": 3})
+
+
+def test_experiment_dir(tmp_path):
+    assert R.experiment_dir(tmp_path, "demo") == tmp_path / "demo"
+    assert R.experiment_dir(str(tmp_path), "demo") == tmp_path / "demo"
+
+
+def test_orphans_dropped(tmp_path):
+    done, done_rids, *tables = _job(seed=0)
+    R.write_job(tmp_path, done, *tables)
+    killed, _, *tables = _job(seed=10)
+    R.write_job(tmp_path, killed, *tables)
+    (tmp_path / "runs" / f"{killed}.parquet").unlink()  # killed before its commit marker
+    res = R.load(tmp_path)
+    assert set(res.runs.run_id) == set(res.steps.run_id) == set(res.layers.run_id) == set(done_rids)
+    assert len(res.steps) == 6 and len(res.layers) == 24
+    assert R.completed_run_ids(tmp_path) == {r: "ok" for r in done_rids}
+
+
+@pytest.mark.parametrize("newer", ["pair", "solo"])
+def test_duplicate_run_keeps_newest_job(tmp_path, newer):
+    t_old, t_new = datetime(2024, 1, 1, tzinfo=UTC), datetime(2024, 6, 1, tzinfo=UTC)
+    # a pair (seeds 0, 1) and a solo run with seed 1 share one run
+    pair, pair_rids, *pair_tables = _job(0, 2, t_new if newer == "pair" else t_old, mark=100.0)
+    solo, solo_rids, *solo_tables = _job(1, 1, t_new if newer == "solo" else t_old, mark=200.0)
+    shared = solo_rids[0]
+    assert shared == pair_rids[1] and pair != solo
+    R.write_job(tmp_path, pair, *pair_tables)
+    R.write_job(tmp_path, solo, *solo_tables)
+    res = R.load(tmp_path)
+    assert res.runs.run_id.tolist() == sorted(pair_rids)
+    row = res.runs.set_index("run_id").loc[shared]
+    winner, loss = (pair, 101.0) if newer == "pair" else (solo, 200.0)
+    assert row.job_id == winner and row.final_loss == loss
+    st = res.steps[res.steps.run_id == shared]
+    assert st.job_id.tolist() == [winner] * 3 and st.step.tolist() == [0, 10, 20]
+    assert st.loss.tolist() == pytest.approx([loss, loss + 0.1, loss + 0.2])
+    lay = res.layers[res.layers.run_id == shared]
+    assert (lay.job_id == winner).all() and len(lay) == 12
+    other = res.steps[res.steps.run_id == pair_rids[0]]
+    assert other.job_id.tolist() == [pair] * 3 and other.loss.iloc[0] == 100.0
+
+
+def test_bad_files_skipped_with_warning(tmp_path):
+    jid, rids, runs, steps, layers = _job(seed=0)
+    R.write_job(tmp_path, jid, runs, steps, layers)
+    good = tmp_path / "layers" / f"{jid}.parquet"
+    truncated = tmp_path / "layers" / "truncated.parquet"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    garbage = tmp_path / "layers" / "garbage.parquet"
+    garbage.write_bytes(b"not parquet at all" * 10)
+    foreign = tmp_path / "layers" / "foreign.parquet"
+    pq.write_table(pa.table({"a": [1, 2], "b": ["x", "y"]}), foreign)
+    old = tmp_path / "layers" / "old.parquet"
+    pq.write_table(pq.read_table(good).replace_schema_metadata(
+        {b"vgbench.schema_version": b"0"}), old)
+    with pytest.warns(UserWarning) as caught:
+        res = R.load(tmp_path)
+    messages = "\n".join(str(w.message) for w in caught)
+    for bad in (truncated, garbage, foreign, old):
+        assert str(bad) in messages
+    assert "schema_version 0, this code reads 1" in messages
+    assert str(good) not in messages
+    assert len(res.layers) == 24 and set(res.layers.run_id) == set(rids)
+    assert len(res.steps) == 6 and res.runs.run_id.tolist() == sorted(rids)
+
+
+def test_foreign_runs_file_does_not_break_resume(tmp_path):
+    jid, rids, *tables = _job()
+    R.write_job(tmp_path, jid, *tables)
+    (tmp_path / "runs" / "zzz.parquet").write_bytes(b"\x00" * 64)
+    with pytest.warns(UserWarning, match="zzz.parquet"):
+        assert R.completed_run_ids(tmp_path) == {r: "ok" for r in rids}
+
+
+def _snapshot(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_failing_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    first, first_rids, *tables = _job(seed=0)
+    R.write_job(tmp_path, first, *tables)
+    before = _snapshot(tmp_path)
+    real_write = pq.write_table
+
+    def disk_full(table, where, **kw):
+        where.write(b"PAR1 partial bytes")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", disk_full)
+    second, _, *tables = _job(seed=10)
+    with pytest.raises(OSError, match="No space"):
+        R.write_job(tmp_path, second, *tables)
+    assert _snapshot(tmp_path) == before  # no temp file left, the first job byte-identical
+
+    # a failure at the last rename (the runs file): steps/layers are whole files, but the job is
+    # not committed, so it is neither complete nor loaded
+    monkeypatch.setattr(pq, "write_table", real_write)
+    real_replace, calls = os.replace, []
+
+    def fail_third(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:
+            raise OSError("rename failed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_third)
+    with pytest.raises(OSError, match="rename failed"):
+        R.write_job(tmp_path, second, *tables)
+    assert str(calls[-1]).endswith(f"runs/{second}.parquet")
+    files = _visible(tmp_path)
+    assert not any(name.split("/")[-1].startswith(".") for name in files)
+    assert f"runs/{second}.parquet" not in files and f"layers/{second}.parquet" in files
+    assert {k: v for k, v in _snapshot(tmp_path).items() if first in k} == before
+    assert R.completed_run_ids(tmp_path) == {r: "ok" for r in first_rids}
+    assert set(R.load(tmp_path).layers.run_id) == set(first_rids)
+
+
+def test_failed_overwrite_uncommits_the_job(tmp_path, monkeypatch):
+    jid, _, *tables = _job()
+    R.write_job(tmp_path, jid, *tables)
+
+    def broken(*a, **kw):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(pq, "write_table", broken)
+    with pytest.raises(OSError):
+        R.write_job(tmp_path, jid, *tables)
+    assert R.completed_run_ids(tmp_path) == {}  # a half-overwritten job is retried
+    assert not [p for p in _visible(tmp_path) if "tmp" in p]
+
+
+def test_completed_run_ids_excludes_failed(tmp_path):
+    assert R.completed_run_ids(tmp_path / "missing") == {}
+    jid, rids, *tables = _job(ensemble=3, status=["ok", "diverged", "failed"])
+    R.write_job(tmp_path, jid, *tables)
+    assert R.completed_run_ids(tmp_path) == {rids[0]: "ok", rids[1]: "diverged"}
+    runs = R.load(tmp_path).runs.set_index("run_id")
+    assert np.isnan(runs.loc[rids[1], "final_loss"]) and runs.loc[rids[1], "diverged_step"] == 7
+    assert runs.loc[rids[2], "error"] == "boom" and pd.isna(runs.loc[rids[0], "error"])
+
+
+def test_newer_failed_run_is_retried(tmp_path):
+    old, _, *tables = _job(0, 1, datetime(2024, 1, 1, tzinfo=UTC))
+    R.write_job(tmp_path, old, *tables)
+    new, _, *tables = _job(0, 1, datetime(2024, 2, 1, tzinfo=UTC), status=["failed"])
+    R.write_job(tmp_path, new + "x", *tables)  # a second job id for the same run
+    assert R.completed_run_ids(tmp_path) == {}
+    assert R.load(tmp_path).runs.status.tolist() == ["failed"]
+
+
+def test_write_job_rejects_bad_columns(tmp_path):
+    jid, _, runs, steps, layers = _job()
+    with pytest.raises(ValueError, match=r"missing columns \['lr'\]"):
+        R.write_job(tmp_path, jid, {k: v for k, v in runs.items() if k != "lr"}, steps, layers)
+    with pytest.raises(ValueError, match=r"unexpected columns \['colour'\]"):
+        R.write_job(tmp_path, jid, runs, steps.assign(colour=1), layers)
+    with pytest.raises(ValueError, match=r"runs.depth: 1 nulls"):
+        R.write_job(tmp_path, jid, {**runs, "depth": [2, None]}, steps, layers)
+    with pytest.raises(ValueError, match="runs.depth: cannot convert"):
+        R.write_job(tmp_path, jid, {**runs, "depth": [2, 2.5]}, steps, layers)
+    with pytest.raises(ValueError, match="another job"):
+        R.write_job(tmp_path, jid, runs, steps.assign(job_id="other"), layers)
+    assert _visible(tmp_path) == []  # validation happens before anything is written
+
+
+def test_config_columns_join(tmp_path):
+    jid, _, runs, steps, layers = _job()
+    R.write_job(tmp_path, jid, runs, steps, layers)
+    res = R.load(tmp_path, config_columns=["activation", "seed", "batch_size"])
+    assert list(res.steps.columns[-3:]) == ["activation", "seed", "batch_size"]
+    seed_of = dict(zip(res.runs.run_id, res.runs.seed))
+    assert res.layers.seed.tolist() == [seed_of[r] for r in res.layers.run_id]
+    assert (res.steps.activation == "sigmoid").all() and res.steps.batch_size.dtype == "Int64"
+    everything = R.load(tmp_path, config_columns=True).layers
+    assert list(everything.columns) == R.LAYERS_SCHEMA.names + list(R.CONFIG_COLUMNS)
+    with pytest.raises(ValueError, match="not runs columns"):
+        R.load(tmp_path, config_columns=["colour"])
+
+
+def test_empty_experiment_has_schema_dtypes(tmp_path):
+    res = R.load(tmp_path / "nothing")
+    assert len(res.runs) == len(res.steps) == len(res.layers) == 0
+    assert list(res.layers.columns) == R.LAYERS_SCHEMA.names
+    assert res.runs.batch_size.dtype == "Int64" and res.runs.depth.dtype == "int64"
