@@ -193,8 +193,29 @@ def _finite_positive(x) -> bool:
     return x is not None and math.isfinite(x) and x > 0
 
 
+def _check_keys(cfg: DictConfig) -> None:
+    """Keys added with `+key=value` pass Hydra's schema check (it opens the struct for them), but
+    the engine would never read them and they would still change the run id: refuse them."""
+    import dataclasses
+    import difflib
+
+    nodes = [("", cfg, Config), ("model.", cfg.model, ModelConfig), ("train.", cfg.train, TrainConfig),
+             ("log.", cfg.log, LogConfig), ("task.", cfg.task, TASK_SCHEMAS.get(cfg.task.name))]
+    for prefix, node, schema in nodes:
+        if schema is None:
+            continue
+        names = [f.name for f in dataclasses.fields(schema)]
+        for key in node:
+            if key not in names:
+                close = difflib.get_close_matches(str(key), names, n=1)
+                hint = f"did you mean {prefix}{close[0]}? " if close else ""
+                raise ConfigError(f"unknown key {prefix}{key}; {hint}valid keys there: {', '.join(names)}")
+
+
 def validate(cfg: DictConfig) -> tuple[Task, NetSpec, TrainSpec]:
     """Check ranges and combinations; return the task and the engine specs. Raises ConfigError."""
+    _need(cfg.task.name in TASK_SCHEMAS, f"task.name={cfg.task.name}: valid choices: {', '.join(TASK_SCHEMAS)}")
+    _check_keys(cfg)
     m, t = cfg.model, cfg.train
     if m.widths is None:
         _need(m.depth >= 1, f"model.depth={m.depth}: must be >= 1 (hidden layers)")
@@ -212,9 +233,18 @@ def validate(cfg: DictConfig) -> tuple[Task, NetSpec, TrainSpec]:
           f"train.weight_decay={t.weight_decay}: must be in [0, 1) (a fraction shrunk per update)")
     _need(t.steps >= 1, f"train.steps={t.steps}: must be >= 1")
     _need(t.initial_steps >= 0, f"train.initial_steps={t.initial_steps}: must be >= 0")
+    for key in ("lr_initial", "momentum_initial"):  # a setting that would silently do nothing
+        _need(t[key] is None or t.initial_steps > 0,
+              f"train.{key}={t[key]} has no effect with train.initial_steps=0: set train.initial_steps "
+              f"> 0 or train.{key}=null")
     _need(cfg.log.every >= 1, f"log.every={cfg.log.every}: must be >= 1 (record every k steps)")
     _need(cfg.ensemble >= 1, f"ensemble={cfg.ensemble}: must be >= 1 (members trained at once)")
     _need(cfg.seed >= 0, f"seed={cfg.seed}: must be >= 0")
+    _need(cfg.max_memory_gb is None or _finite_positive(cfg.max_memory_gb),
+          f"max_memory_gb={cfg.max_memory_gb}: must be a number > 0, or null for 70% of available memory")
+    _need(bool(cfg.name) and cfg.name not in (".", "..") and "/" not in cfg.name and os.sep not in cfg.name,
+          f"name={cfg.name!r}: must be a plain folder name (no '/', not '.' or '..'); "
+          f"put the parent folder in results_dir")
     for key in ("init_scale", "init_bias"):
         v = m[key]
         _need(v is None or (math.isfinite(v) and v >= 0), f"model.{key}={v}: must be a finite number >= 0 or null")
@@ -242,17 +272,25 @@ def validate(cfg: DictConfig) -> tuple[Task, NetSpec, TrainSpec]:
         net.check()
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    _check_results_dir(cfg.results_dir)
+    _check_results_dir(cfg.results_dir, cfg.name)
     return task, net, train
 
 
-def _check_results_dir(results_dir: str) -> None:
-    path = Path(results_dir)
+def _check_results_dir(results_dir: str, name: str) -> None:
+    """Before training, not after: the first existing folder on the way must be writable, and the
+    experiment's table folders, where they exist, must be folders (a stray file named `runs`)."""
+    path = Path(results_dir) / name
     for p in (path, *path.parents):
         if p.exists():
-            _need(p.is_dir(), f"results_dir={results_dir}: {p} is a file, not a directory")
-            _need(os.access(p, os.W_OK | os.X_OK), f"results_dir={results_dir}: {p} is not writable")
+            _need(p.is_dir(), f"results_dir={results_dir}: {p} is a file, not a directory; "
+                  f"choose another results_dir or name")
+            _need(os.access(p, os.W_OK | os.X_OK), f"results_dir={results_dir}: {p} is not writable; "
+                  f"choose a writable results_dir")
             break
+    for table in ("runs", "steps", "layers"):
+        p = path / table
+        _need(not p.exists() or p.is_dir(), f"{p} is a file, not a directory: move it away or choose "
+              f"another name")
 
 
 def estimate_bytes(net: NetSpec, train: TrainSpec, task: Task, members: int) -> int:

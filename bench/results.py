@@ -200,6 +200,25 @@ def write_job(exp_dir, job_id: str, runs, steps, layers) -> None:
         _write_atomic(tables[table], exp_dir / table / f"{job_id}.parquet")
 
 
+def other_version_files(exp_dir, job_id: str) -> list[tuple[Path, int]]:
+    """This job's files that another schema_version wrote: rewriting the job would replace them.
+
+    The loader skips such files (it cannot read them), so without this check a rerun would take
+    the job for missing and overwrite results that the older code can still read.
+    """
+    found = []
+    for table in SCHEMAS:
+        path = Path(exp_dir) / table / f"{job_id}.parquet"
+        try:
+            meta = pq.read_schema(path).metadata or {}
+            version = int(meta[_META_VERSION])
+        except (OSError, ValueError, KeyError, pa.ArrowException):  # absent, unreadable or foreign
+            continue
+        if version != SCHEMA_VERSION:
+            found.append((path, version))
+    return found
+
+
 def _read_file(path: Path, schema: pa.Schema, names: list[str], dictionary: list[str]):
     """Return (table, None), or (None, why the file is skipped)."""
     try:

@@ -1,17 +1,21 @@
 """`python -m bench.run`: train one config (or a `-m` sweep of them) and write its parquet results.
 
 `run(cfg)` is a plain function (tests call it with a composed config); `main()` wraps it in Hydra
-and turns any bad input into one line on stderr and a non-zero exit. One job trains the config's
-`ensemble` members at once; each member is a run with its own run_id (see `bench.results`). Members
-whose run already has complete results are skipped unless `overwrite=true`, so rerunning a sweep
-finishes only what is missing.
+and turns any bad input into one line on stderr and a non-zero exit: 2 for a bad config (nothing is
+written, and Hydra's log folder for the refused job is removed), 1 when results cannot be written
+(disk full, read-only, not a directory), 130 on Ctrl-C (finished jobs are kept; rerun to resume).
+One job trains the config's `ensemble` members at once; each member is a run with its own run_id
+(see `bench.results`). Members whose run already has complete results are skipped unless
+`overwrite=true`, so rerunning a sweep finishes only what is missing.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -90,6 +94,17 @@ def _memory_limit_bytes(cfg: DictConfig) -> float:
         return math.inf
 
 
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.{1 if n >= 10 * scale else 2}f} {unit}"
+    return f"{n:.0f} B"
+
+
+class ResultsWriteError(OSError):
+    """Results could not be written (disk full, read-only, not a directory): one line for the user."""
+
+
 class _Progress:
     """A tqdm bar on a terminal, or a log line every ~10% of the steps when output is not a TTY."""
 
@@ -140,12 +155,19 @@ def run(cfg: DictConfig) -> dict[str, int]:
     need = estimate_bytes(net, tspec, task, len(todo))
     limit = _memory_limit_bytes(cfg)
     if need > limit:
-        raise ConfigError(f"ensemble={cfg.ensemble} x model widths {list(net.widths)} needs about "
-                          f"{need / 2**30:.1f} GiB, over the {limit / 2**30:.1f} GiB limit: lower ensemble, "
-                          f"width or train.batch_size, or raise max_memory_gb")
+        # refused before anything is initialised or written (see estimate_bytes for what is counted)
+        raise ConfigError(f"ensemble={cfg.ensemble} ({len(todo)} to train) x model widths {list(net.widths)} "
+                          f"needs about {_size(need)}, over the {_size(limit)} limit "
+                          f"({'max_memory_gb' if cfg.max_memory_gb is not None else '70% of available memory'}): "
+                          f"lower ensemble, width or train.batch_size, or raise max_memory_gb")
     seeds = [cfg.seed + k for k in todo]
     # the job is what is trained now: the same config with another set of missing members is another job
     job = results.job_id(dict(semantic, ensemble=cfg.ensemble, members=[ids[k] for k in todo]))
+    if old := results.other_version_files(exp_dir, job):
+        path, version = old[0]
+        raise ConfigError(f"{path} holds this job's results in schema_version {version} (this code writes "
+                          f"{results.SCHEMA_VERSION}); rerunning would replace them: move {exp_dir} away "
+                          f"or choose another name")
     threads = _threads_for_launcher()
     progress = _Progress(_enum(cfg.progress), tspec.steps, desc)
     t0 = time.perf_counter()
@@ -172,7 +194,11 @@ def run(cfg: DictConfig) -> dict[str, int]:
         progress.close()
     runs, steps, layers = _tables(cfg, net, tspec, members, ids, todo, job, out, error,
                                   time.perf_counter() - t0)
-    results.write_job(exp_dir, job, runs, steps, layers)
+    try:
+        results.write_job(exp_dir, job, runs, steps, layers)
+    except OSError as e:  # write_job leaves no partial file and the job uncommitted: a rerun redoes it
+        raise ResultsWriteError(e.errno, f"could not write results to {exp_dir}: "
+                                f"{e.strerror or e}") from e
     status = runs["status"]
     counts = {"trained": sum(s != "failed" for s in status), "skipped": cfg.ensemble - len(todo),
               "failed": sum(s == "failed" for s in status)}
@@ -283,12 +309,38 @@ register()
 def task_function(cfg: DictConfig) -> dict[str, int]:
     """What Hydra runs for each job. Module-level, so launchers that pickle it (joblib, submitit)
     pickle a reference to `bench.run.task_function`."""
+    # SystemExit passes through Hydra untouched: one line, no "Error executing job" block
     try:
         return run(cfg)
     except ConfigError as e:
-        # SystemExit passes through Hydra untouched: one line, no "Error executing job" block
+        _discard_job_dir(cfg)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except ResultsWriteError as e:
+        print(f"error: {e.strerror}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _discard_job_dir(cfg: DictConfig) -> None:
+    """Remove the folder Hydra made for a refused job (its config and log, no results), and the
+    then-empty folders above it up to results_dir, so bad input leaves the tree as it found it."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        out = Path(HydraConfig.get().runtime.output_dir).resolve()
+    except (ValueError, ImportError):  # not under Hydra: nothing was made
+        return
+    root = Path(cfg.results_dir).resolve()
+    if root not in out.parents or ".hydra" not in out.relative_to(root).parts:
+        return  # hydra.run.dir pointed elsewhere: not ours to remove
+    shutil.rmtree(out, ignore_errors=True)  # the open log file goes with it (POSIX unlinks open files)
+    for p in out.parents:
+        if p == root:
+            break
+        try:
+            p.rmdir()  # only if empty
+        except OSError:
+            break
 
 
 def _hydra_main() -> None:
@@ -309,16 +361,21 @@ _SCHEMAS_BY_NAME = _schemas_by_name()
 def one_line(e: BaseException) -> str:
     """The user-facing line for a config or input error: Hydra's and OmegaConf's are multi-line."""
     import dataclasses
+    import difflib
 
-    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
     cause = e
     while cause.__cause__ is not None and not isinstance(cause, ConfigError):
         cause = cause.__cause__
     schema = _SCHEMAS_BY_NAME.get(getattr(cause, "object_type_str", None) or "")
-    if isinstance(cause, ConfigKeyError) and schema is not None:
-        valid = ", ".join(f.name for f in dataclasses.fields(schema))
-        return f"error: unknown key {cause.full_key}; valid keys there: {valid}"
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and schema is not None:
+        names = [f.name for f in dataclasses.fields(schema)]
+        key = cause.full_key or ""
+        prefix, _, leaf = key.rpartition(".")
+        close = difflib.get_close_matches(leaf, names, n=1)
+        hint = f"did you mean {prefix + '.' if prefix else ''}{close[0]}? " if close else ""
+        return f"error: unknown key {key}; {hint}valid keys there: {', '.join(names)}"
     if isinstance(cause, OmegaConfBaseException):
         msg = str(cause).splitlines()[0].strip()
         key = getattr(cause, "full_key", None)
@@ -338,8 +395,31 @@ def one_line(e: BaseException) -> str:
     return "error: " + "; ".join(lines[:3])
 
 
+def os_error_line(e: OSError) -> str:
+    """One line for an OSError met while writing (Hydra's job folder or our results)."""
+    if isinstance(e, ResultsWriteError):
+        return f"error: {e.strerror}"
+    path = Path(e.filename) if e.filename else None
+    if path is not None and e.errno in (errno.ENOTDIR, errno.EEXIST):
+        for p in path.parents:  # the first existing ancestor is a file where a folder is needed
+            if p.exists():
+                if not p.is_dir():
+                    return f"error: could not write results to {path}: {p} is a file, not a directory; " \
+                           f"choose another results_dir or name"
+                break
+    where = f" to {path}" if path is not None else ""
+    return f"error: could not write{where}: {e.strerror or e}; free space or choose a writable results_dir"
+
+
+def _multirun_flag_first(argv: list[str]) -> list[str]:
+    """`python -m bench.run a=1 -m b=2,3` fails in argparse (overrides after a flag): move -m first."""
+    flags = [a for a in argv[1:] if a in ("-m", "--multirun")]
+    return argv[:1] + flags + [a for a in argv[1:] if a not in ("-m", "--multirun")] if flags else argv
+
+
 def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us, to print one line instead of Hydra's block
+    sys.argv = _multirun_flag_first(sys.argv)
     try:
         _hydra_main()
     except KeyboardInterrupt:
@@ -347,6 +427,11 @@ def main() -> None:
               "(complete runs are skipped)", file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # bad input: one line, non-zero exit; results on disk are untouched
+        from hydra.errors import HydraException
+
+        if isinstance(e, OSError) and not isinstance(e, HydraException):  # Hydra's missing config is an IOError
+            print(os_error_line(e), file=sys.stderr)  # a failing write (disk full, a file in the way)
+            sys.exit(1)
         print(one_line(e), file=sys.stderr)
         sys.exit(2)
 

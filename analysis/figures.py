@@ -1,0 +1,542 @@
+"""One function per figure: result DataFrames in, a matplotlib Figure out.
+
+What it is for: the figures of the report (`analysis.report`), drawn from the `runs`, `steps` and `layers`
+tables of `bench.results.load` (column names as there). Every curve is a distribution over seeds: the
+median as a line and the interquartile range as a band, never one seed. Figures are sized for a paper:
+single column 3.4 in, double column 7 in; log axes wherever magnitudes span decades.
+
+What it is not for: choosing which data to plot (the report filters the tables) or saving (the caller
+does `fig.savefig`). Functions raise ValueError when the data they are given cannot make the figure.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: the report runs headless
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402,F401  (FixedLocator, formatters)
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
+
+SINGLE, DOUBLE = 3.4, 7.0  # figure widths in inches: one and two columns of a paper
+ARCH_ORDER = ("plain", "residual", "batchnorm", "residual+bn")
+ACT_ORDER = ("sigmoid", "tanh", "relu", "softsign", "leaky_relu")
+PROBLEMS = ("xor", "parity", "encoder", "symmetry", "family_trees")  # the 1986 problems, paper order
+BAND_ALPHA = 0.2
+
+# The blog post's numbers (REFERENCES.md, "The seed"): loss at steps 0, 5,000, 10,000; final |grad|.
+BLOG_LOSS = {0: 0.318, 5000: 0.010, 10000: 0.0023}
+BLOG_GRAD = {2: 0.001217, 1: 0.000590}  # layer -> mean |grad W| at step 10,000
+# Papers' sweeps to solution (REFERENCES.md); parity's 2,825 are "presentations" in PDP ch. 8.
+PAPER_SWEEPS = {"xor": 558, "parity": 2825, "symmetry": 1425}
+FAMILY_TREES_SWEEPS = 1500  # trained for a fixed 1,500 sweeps: not a sweeps-to-criterion number
+# Nielsen ch. 5: ||dC/db^l|| per hidden layer at initialisation, MNIST, keyed by number of hidden layers.
+NIELSEN = {2: (0.07, 0.31), 3: (0.012, 0.060, 0.283), 4: (0.003, 0.017, 0.070, 0.285)}
+
+_THEME_SET = False
+
+
+def set_theme() -> None:
+    """The one theme of every figure (seaborn "paper" context, sized for a 3.4 in column)."""
+    global _THEME_SET
+    if _THEME_SET:
+        return
+    sns.set_theme(context="paper", style="whitegrid", font_scale=0.9,
+                  rc={"figure.dpi": 100, "savefig.dpi": 200, "savefig.bbox": "tight",
+                      "axes.titlesize": 8.5, "axes.labelsize": 8, "legend.fontsize": 7,
+                      "legend.title_fontsize": 7, "xtick.labelsize": 7, "ytick.labelsize": 7,
+                      "lines.linewidth": 1.3, "grid.linewidth": 0.5, "pdf.fonttype": 42})
+    _THEME_SET = True
+
+
+def arch_label(residual, norm) -> str:
+    """plain | residual | batchnorm | residual+bn."""
+    bn = str(norm) == "batchnorm"
+    if bool(residual):
+        return "residual+bn" if bn else "residual"
+    return "batchnorm" if bn else "plain"
+
+
+def with_arch(runs: pd.DataFrame) -> pd.DataFrame:
+    """runs plus an `arch` column."""
+    out = runs.copy()
+    out["arch"] = [arch_label(r, n) for r, n in zip(out["residual"], out["norm"])]
+    return out
+
+
+def join_runs(df: pd.DataFrame, runs: pd.DataFrame, cols) -> pd.DataFrame:
+    """steps/layers rows with the runs columns `cols` joined on run_id (columns already there are kept)."""
+    cols = [c for c in cols if c not in df.columns]
+    return df.merge(runs[["run_id", *cols]], on="run_id", how="inner") if cols else df
+
+
+def quartiles(df: pd.DataFrame, by, value: str) -> pd.DataFrame:
+    """Median and IQR of `value` over seeds: columns by..., q25, q50, q75, n."""
+    g = df.groupby(list(by), sort=True, observed=True)[value]
+    out = pd.DataFrame({"q25": g.quantile(0.25), "q50": g.median(), "q75": g.quantile(0.75), "n": g.count()})
+    return out.reset_index()
+
+
+def _band(ax, x, q, color, label=None, ls="-", alpha=BAND_ALPHA, marker=None, lw=None):
+    ax.fill_between(x, q["q25"], q["q75"], color=color, alpha=alpha, lw=0)
+    ax.plot(x, q["q50"], color=color, ls=ls, label=label, marker=marker, ms=3, lw=lw)
+
+
+def _order(values, preferred) -> list:
+    values = list(dict.fromkeys(values))
+    return [v for v in preferred if v in values] + sorted(v for v in values if v not in preferred)
+
+
+def _require(df: pd.DataFrame, what: str) -> None:
+    if df is None or len(df) == 0:
+        raise ValueError(f"no data for {what}")
+
+
+def _tidy_log_y(ax) -> None:
+    """Log y without crowded minor labels; under 2 decades, majors at 1, 2, 5 x 10^k instead."""
+    lo, hi = ax.get_ylim()
+    if lo > 0 and np.log10(hi / lo) < 2.0:
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
+def _grid(n_rows, n_cols, width, row_height, sharex=False, sharey=False):
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(width, row_height * n_rows), squeeze=False,
+                             sharex=sharex, sharey=sharey)
+    return fig, axes
+
+
+# ----------------------------------------------------------------------------------------------- seed
+def seed_xor_charts(runs: pd.DataFrame, steps: pd.DataFrame, layers: pd.DataFrame,
+                    backend: str | None = None) -> plt.Figure:
+    """The blog post's two charts over seeds: loss vs step; mean |grad W2| (solid) vs |grad W1| (dashed)."""
+    set_theme()
+    _require(runs, "the seed's charts")
+    backend = backend or ("numpy" if "numpy" in set(runs["backend"]) else runs["backend"].iloc[0])
+    ids = runs.loc[runs["backend"] == backend, "run_id"]
+    st = steps[steps["run_id"].isin(ids)]
+    ly = layers[layers["run_id"].isin(ids) & (layers["param"] == "weight")]
+    _require(st, "the seed's loss chart")
+    fig, axes = _grid(1, 2, DOUBLE, 2.5)
+    ax = axes[0, 0]
+    q = quartiles(st, ["step"], "loss")
+    n = len(ids)
+    _band(ax, q["step"], q, "C0", label=f"median, IQR ({n} seeds)")
+    ax.plot(list(BLOG_LOSS), list(BLOG_LOSS.values()), "kD", ms=4, label="blog post (1 run)")
+    ax.set(yscale="log", xlabel="step", ylabel="loss (MSE)", title="(a) loss")
+    ax.legend(loc="lower left")
+    ax = axes[0, 1]
+    colors = {2: "C4", 1: "C1"}
+    for layer, ls in ((2, "-"), (1, "--")):
+        q = quartiles(ly[ly["layer"] == layer], ["step"], "grad_mean_abs")
+        _band(ax, q["step"], q, colors[layer], ls=ls, label=f"|grad W{layer}|")
+    last = int(st["step"].max())
+    for layer, v in BLOG_GRAD.items():
+        ax.plot([last], [v], marker="D" if layer == 2 else "o", color="k", ms=4, ls="none",
+                label=f"blog W{layer}")
+    ax.set(yscale="log", xlabel="step", ylabel="mean |dLoss/dW|", title="(b) gradient size per layer")
+    ax.legend(loc="lower left", ncols=2)
+    fig.tight_layout()
+    return fig
+
+
+# -------------------------------------------------------------------------------- theory for overlays
+def theory_profile(activation: str, init: str, width: int, depth: int, n_in: int, mean_x2: float,
+                   init_scale=None, init_bias=None) -> np.ndarray:
+    """Mean-field ||delta^l|| for hidden layers 1..depth of a plain net, normalised to 1 at l = depth.
+
+    Layer 1 reads raw inputs, so q^1 = sw2_1 mean(x^2) + sb2 (bench.theory's docstring); the ratios
+    ||delta^l|| / ||delta^(l+1)|| = sqrt(chi1(q^l)) use the hidden-to-hidden sw2 of W^(l+1).
+    """
+    from bench import theory
+
+    scale = None if init_scale is None or pd.isna(init_scale) else float(init_scale)
+    bias = None if init_bias is None or pd.isna(init_bias) else float(init_bias)
+    sw2_1, sb2_1 = theory.init_variances(init, n_in, scale, bias, fan_out=width)
+    sw2, sb2 = theory.init_variances(init, width, scale, bias, fan_out=width)
+    q1 = sw2_1 * mean_x2 + sb2_1
+    if depth == 1:
+        return np.ones(1)
+    tail = theory.predicted_delta_profile(activation, sw2, sb2, depth - 1, q1)  # layers 2..depth
+    first = tail[0] * theory.delta_ratio(activation, sw2, sb2, q1)
+    return np.concatenate([[first], tail])
+
+
+# ---------------------------------------------------------------------------- profile at initialisation
+def gradient_profile(runs: pd.DataFrame, layers: pd.DataFrame, stat: str = "delta_norm",
+                     param: str = "weight", inputs: dict | None = None, reference: dict | None = None,
+                     theory: bool = True) -> plt.Figure:
+    """`stat` of `param` rows vs layer index at step 0: a panel per activation x arch, a line per depth.
+
+    inputs: {task: (n_in, mean x^2)} for the mean-field overlay (dashed, plain nets only, normalised to
+    the measured median at the last hidden layer); reference: {depth: values per hidden layer} drawn as
+    markers (Nielsen's numbers). Needs a single init in `runs`.
+    """
+    set_theme()
+    r = with_arch(runs)
+    inits = r["init"].unique()
+    if len(inits) != 1:
+        raise ValueError(f"gradient_profile needs one init, got {sorted(inits)}")
+    ly = layers[(layers["step"] == 0) & (layers["param"] == param)]
+    ly = join_runs(ly, r, ["activation", "arch", "depth", "width", "task", "init", "init_scale", "init_bias"])
+    _require(ly, f"{stat} of {param} at step 0")
+    acts = _order(ly["activation"], ACT_ORDER)
+    archs = _order(ly["arch"], ARCH_ORDER)
+    depths = sorted(ly["depth"].unique())
+    palette = dict(zip(depths, sns.color_palette("viridis_r" if len(depths) > 1 else "dark", len(depths))))
+    fig, axes = _grid(len(archs), len(acts), SINGLE if len(acts) == 1 else DOUBLE,
+                      2.3 if len(acts) == 1 else 1.9)  # own y range per panel: they span 1e-16 to 1e4
+    drew_theory = False
+    for i, arch in enumerate(archs):
+        for j, act in enumerate(acts):
+            ax = axes[i, j]
+            sub = ly[(ly["arch"] == arch) & (ly["activation"] == act)]
+            if sub.empty:
+                ax.set_axis_off()
+                continue
+            for depth in depths:
+                d = sub[(sub["depth"] == depth) & (sub["layer"] <= depth + (0 if param == "bias" else 1))]
+                if d.empty:
+                    continue
+                q = quartiles(d, ["layer"], stat)
+                _band(ax, q["layer"], q, palette[depth], label=f"{depth}", marker="." if depth <= 5 else None)
+                row = d.iloc[0]
+                if theory and arch == "plain" and inputs is not None and row["task"] in inputs and depth > 1:
+                    n_in, mean_x2 = inputs[row["task"]]
+                    pred = theory_profile(act, row["init"], int(row["width"]), depth, n_in, mean_x2,
+                                          row["init_scale"], row["init_bias"])
+                    anchor = q.loc[q["layer"] == depth, "q50"]
+                    if len(anchor) and np.isfinite(anchor.iloc[0]) and anchor.iloc[0] > 0:
+                        ax.plot(np.arange(1, depth + 1), pred * anchor.iloc[0], color="k", alpha=0.8,
+                                ls=(0, (3, 2)), lw=0.8, zorder=5)
+                        drew_theory = True
+                if reference and depth in reference:
+                    ref = reference[depth]
+                    ax.plot(np.arange(1, len(ref) + 1), ref, ls=":", marker="s", mfc="none", ms=4,
+                            color=palette[depth])
+            ax.set_yscale("log")
+            _tidy_log_y(ax)
+            ax.set_title(f"{act}, {arch}" if len(archs) * len(acts) > 1 else f"{act}, {arch}, init {inits[0]}")
+            if i == len(archs) - 1:
+                ax.set_xlabel("layer (1 = input side)")
+            if j == 0:
+                label = {"delta_norm": r"$\|\delta^l\|$",
+                         "grad_norm": rf"$\|\partial L/\partial {'b' if param == 'bias' else 'W'}^l\|$",
+                         "grad_mean_abs": "mean |grad|"}.get(stat, stat)
+                ax.set_ylabel(label)
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    handles = [plt.Line2D([], [], color=palette[d], label=str(d)) for d in depths]
+    if drew_theory:
+        handles.append(plt.Line2D([], [], color="k", ls=(0, (3, 2)), lw=0.8, label="mean field"))
+    if reference:
+        handles.append(plt.Line2D([], [], color="0.3", ls=":", marker="s", mfc="none", label="Nielsen"))
+    fig.tight_layout()
+    fig.legend(handles=handles, title="hidden layers", loc="upper center", ncols=min(len(handles), 8),
+               bbox_to_anchor=(0.5, 0.0), frameon=False)
+    return fig
+
+
+# ------------------------------------------------------------------------------ first/last ratio
+def gradient_ratio(runs: pd.DataFrame, layers: pd.DataFrame, stat: str = "grad_norm") -> plt.Figure:
+    """||grad W^1|| / ||grad W^out|| at step 0 vs depth: hue = activation, line style = arch, a panel per init."""
+    set_theme()
+    r = with_arch(runs)
+    ly = layers[(layers["step"] == 0) & (layers["param"] == "weight")]
+    ly = join_runs(ly, r, ["activation", "arch", "depth", "init"])
+    first = ly[ly["layer"] == 1].set_index("run_id")[stat]
+    last = ly[ly["layer"] == ly["depth"] + 1].set_index("run_id")[stat]
+    ratio = (first / last).rename("ratio").reset_index()
+    ratio = ratio.merge(r[["run_id", "activation", "arch", "depth", "init"]], on="run_id")
+    ratio = ratio[np.isfinite(ratio["ratio"]) & (ratio["ratio"] > 0)]
+    _require(ratio, "the first/last gradient ratio")
+    if ratio["depth"].nunique() < 2:
+        raise ValueError("the first/last gradient ratio needs at least two depths")
+    inits = _order(ratio["init"], ())
+    acts = _order(ratio["activation"], ACT_ORDER)
+    archs = _order(ratio["arch"], ARCH_ORDER)
+    styles = dict(zip(ARCH_ORDER, ("-", "--", ":", "-.")))
+    colors = dict(zip(acts, sns.color_palette("colorblind", len(acts))))
+    fig, axes = _grid(1, len(inits), SINGLE if len(inits) == 1 else DOUBLE, 2.6, sharey=True)
+    for j, init in enumerate(inits):
+        ax = axes[0, j]
+        for act in acts:
+            for arch in archs:
+                d = ratio[(ratio["init"] == init) & (ratio["activation"] == act) & (ratio["arch"] == arch)]
+                if d.empty:
+                    continue
+                q = quartiles(d, ["depth"], "ratio")
+                _band(ax, q["depth"], q, colors[act], ls=styles.get(arch, "-"), alpha=0.12, marker=".")
+        ax.axhline(1.0, color="0.4", lw=0.6)
+        ax.set(yscale="log", xlabel="hidden layers", title=f"init {init}")  # linear x: exponential decay is straight
+        if j == 0:
+            ax.set_ylabel(r"$\|\partial L/\partial W^1\| \,/\, \|\partial L/\partial W^{out}\|$ at step 0")
+    handles = [plt.Line2D([], [], color=colors[a], label=a) for a in acts]
+    handles += [plt.Line2D([], [], color="0.3", ls=styles.get(a, "-"), label=a) for a in archs]
+    fig.tight_layout()
+    fig.legend(handles=handles, loc="upper center", ncols=min(len(handles), 7), bbox_to_anchor=(0.5, 0.0),
+               frameon=False)
+    return fig
+
+
+# ------------------------------------------------------------------------------ over training
+def training_dynamics(runs: pd.DataFrame, layers: pd.DataFrame, depth: int | None = None) -> plt.Figure:
+    """Per-layer ||grad W^l|| over training at one depth: sigmoid plain vs relu, sigmoid residual and
+    sigmoid batchnorm (the panels present). Lines per layer (colour = layer); IQR bands for the first
+    and the output layer only (bands for every layer would hide the lines)."""
+    set_theme()
+    r = with_arch(runs)
+    panels = [("sigmoid", "plain"), ("relu", "plain"), ("sigmoid", "residual"), ("sigmoid", "batchnorm")]
+    sig = r[(r["activation"] == "sigmoid") & (r["arch"] == "plain")]
+    if depth is None:
+        _require(sig, "training dynamics (no plain sigmoid runs)")
+        depth = int(sig["depth"].max())
+    r = r[r["depth"] == depth]
+    present = [p for p in panels if ((r["activation"] == p[0]) & (r["arch"] == p[1])).any()]
+    if len(present) < 2:
+        raise ValueError(f"training dynamics needs plain sigmoid and one other net at depth {depth}")
+    ly = join_runs(layers[layers["param"] == "weight"], r, ["activation", "arch", "depth"])
+    if ly["step"].nunique() < 2:
+        raise ValueError("training dynamics needs more than one logged step")
+    n_cols = 2 if len(present) > 2 else len(present)
+    n_rows = int(np.ceil(len(present) / n_cols))
+    fig, axes = _grid(n_rows, n_cols, DOUBLE, 2.2, sharey=True, sharex=True)
+    cmap, norm = plt.get_cmap("viridis"), Normalize(1, depth + 1)
+    for k, (act, arch) in enumerate(present):
+        ax = axes.flat[k]
+        d = ly[(ly["activation"] == act) & (ly["arch"] == arch)]
+        n = d["run_id"].nunique()
+        for layer in range(1, depth + 2):
+            q = quartiles(d[d["layer"] == layer], ["step"], "grad_norm")
+            banded = layer in (1, depth + 1)
+            _band(ax, q["step"], q, cmap(norm(layer)), alpha=BAND_ALPHA if banded else 0.0,
+                  lw=1.4 if banded else 0.8)
+        ax.set(yscale="log", title=f"{act}, {arch}, depth {depth} ({n} seeds)")
+        if k % n_cols == 0:
+            ax.set_ylabel(r"$\|\partial L/\partial W^l\|$")
+        if k >= len(present) - n_cols:
+            ax.set_xlabel("step")
+    for ax in list(axes.flat)[len(present):]:
+        ax.set_axis_off()
+    fig.tight_layout()
+    cb = fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes.ravel().tolist(), pad=0.01,
+                      fraction=0.03)
+    cb.set_label("layer (1 = input side)")
+    return fig
+
+
+# ------------------------------------------------------------------------------ trainability
+def trainability(runs: pd.DataFrame) -> plt.Figure:
+    """Final training loss (log) and final test accuracy (or test loss) vs depth; a column per arch,
+    hue = activation, line style = init. Diverged runs (NaN loss) are left out of the quartiles."""
+    set_theme()
+    r = with_arch(runs)
+    _require(r, "trainability")
+    if r["depth"].nunique() < 2:
+        raise ValueError("trainability needs at least two depths")
+    second = "final_test_accuracy" if r["final_test_accuracy"].notna().any() else "final_test_loss"
+    archs = _order(r["arch"], ARCH_ORDER)
+    acts = _order(r["activation"], ACT_ORDER)
+    inits = _order(r["init"], ())
+    colors = dict(zip(acts, sns.color_palette("colorblind", len(acts))))
+    styles = dict(zip(inits, ("-", "--", ":", "-.")))
+    fig, axes = _grid(2, len(archs), DOUBLE if len(archs) > 1 else SINGLE, 2.0, sharex=True, sharey="row")
+    diverged = False
+    for j, arch in enumerate(archs):
+        for i, stat in enumerate(("final_loss", second)):
+            ax = axes[i, j]
+            for act in acts:
+                for init in inits:
+                    d = r[(r["arch"] == arch) & (r["activation"] == act) & (r["init"] == init)]
+                    lost = d.groupby("depth")[stat].apply(lambda v: not np.isfinite(v).any())
+                    if i == 0 and lost.any():  # every seed diverged: an x at the top of the panel
+                        ax.plot(lost.index[lost], [0.95] * int(lost.sum()), ls="none", marker="x", ms=4,
+                                color=colors[act], transform=ax.get_xaxis_transform())
+                        diverged = True
+                    d = d[np.isfinite(d[stat])]
+                    if d.empty:
+                        continue
+                    q = quartiles(d, ["depth"], stat)
+                    _band(ax, q["depth"], q, colors[act], ls=styles[init], alpha=0.12, marker=".")
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(sorted(r["depth"].unique())))
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%d"))
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+            if stat != "final_test_accuracy":
+                ax.set_yscale("log")
+            if i == 0:
+                ax.set_title(arch)
+            else:
+                ax.set_xlabel("hidden layers")
+            if j == 0:
+                ax.set_ylabel({"final_loss": "final training loss", "final_test_accuracy": "test accuracy",
+                               "final_test_loss": "final test loss"}[stat])
+    handles = [plt.Line2D([], [], color=colors[a], label=a) for a in acts]
+    handles += [plt.Line2D([], [], color="0.3", ls=styles[i], label=f"init {i}") for i in inits]
+    if diverged:
+        handles.append(plt.Line2D([], [], color="0.3", ls="none", marker="x", label="all seeds diverged"))
+    fig.tight_layout()
+    fig.legend(handles=handles, loc="upper center", ncols=len(handles), bbox_to_anchor=(0.5, 0.0), frameon=False)
+    return fig
+
+
+# ------------------------------------------------------------------------------ twin agreement
+def twin_pairs(runs: pd.DataFrame, layers: pd.DataFrame, stat: str = "grad_norm") -> pd.DataFrame:
+    """NumPy and torch values of `stat` for the same (config without backend, step, layer, param).
+
+    Columns: key, step, layer, param, numpy, torch, rel_err = |torch - numpy| / |numpy| (0 when both 0).
+    """
+    both = runs[runs["backend"].isin(["numpy", "torch"])]
+
+    def key(config_json: str) -> str:
+        c = json.loads(config_json)
+        c.pop("backend", None)
+        return json.dumps(c, sort_keys=True)
+
+    ids = pd.DataFrame({"run_id": both["run_id"], "backend": both["backend"],
+                        "key": [key(c) for c in both["config_json"]]})
+    ly = layers[layers["run_id"].isin(ids["run_id"])][["run_id", "step", "layer", "param", stat]]
+    ly = ly.merge(ids, on="run_id")
+    cols = ["key", "step", "layer", "param"]
+    a = ly[ly["backend"] == "numpy"][cols + [stat]].rename(columns={stat: "numpy"})
+    b = ly[ly["backend"] == "torch"][cols + [stat]].rename(columns={stat: "torch"})
+    pairs = a.merge(b, on=cols)
+    diff = (pairs["torch"] - pairs["numpy"]).abs()
+    denom = pairs["numpy"].abs()
+    pairs["rel_err"] = np.where(diff == 0, 0.0, diff / denom.where(denom > 0, np.nan))
+    return pairs
+
+
+def twin_agreement(runs: pd.DataFrame, layers: pd.DataFrame, stat: str = "grad_norm") -> plt.Figure:
+    """NumPy vs torch per-layer `stat`, log-log, identity line; the max relative error in the title."""
+    set_theme()
+    pairs = twin_pairs(runs, layers, stat)
+    _require(pairs, "twin agreement (no config run in both backends)")
+    pos = pairs[(pairs["numpy"] > 0) & (pairs["torch"] > 0)]
+    fig, ax = plt.subplots(figsize=(SINGLE, SINGLE * 0.9))
+    params = _order(pos["param"], ("weight", "bias", "gamma", "beta", "direct"))
+    for k, p in reversed(list(enumerate(params))):  # weights drawn last, on top
+        d = pos[pos["param"] == p]
+        ax.scatter(d["numpy"], d["torch"], s=3, alpha=0.4, color=f"C{k}", label=p, rasterized=True, lw=0)
+    lo, hi = pos[["numpy", "torch"]].min().min(), pos[["numpy", "torch"]].max().max()
+    ax.plot([lo, hi], [lo, hi], color="k", lw=0.7, ls="--", label="identity")
+    ax.set(xscale="log", yscale="log", xlabel=f"NumPy {stat}", ylabel=f"torch {stat}")
+    ax.set_title(f"{len(pairs):,} pairs; max relative error {np.nanmax(pairs['rel_err']):.1e}")
+    handles, labels = ax.get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda i: (params + ["identity"]).index(labels[i]))
+    ax.legend([handles[i] for i in order], [labels[i] for i in order], loc="upper left", markerscale=3)
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------------ 1986
+def sweeps_to_solution(runs: pd.DataFrame) -> plt.Figure:
+    """Sweeps to the solve criterion per 1986 problem (solved seeds: box + points, log x), the paper's
+    number as a red diamond (family trees: the 1,500 sweeps it trained for, open); success rates at right."""
+    set_theme()
+    r = runs[runs["task"].isin(PROBLEMS)].copy()
+    _require(r, "sweeps to solution (no 1986 problems)")
+    problems = _order(r["task"], PROBLEMS)
+    solved = r[r["solved_step"].notna()].copy()
+    solved["sweeps"] = solved["solved_step"].astype(float).clip(lower=1)
+    fig, ax = plt.subplots(figsize=(SINGLE, 0.55 * len(problems) + 0.9))
+    if not solved.empty:
+        with warnings.catch_warnings():  # seaborn 0.13.2 passes matplotlib 3.11's deprecated `vert`
+            warnings.simplefilter("ignore", matplotlib.MatplotlibDeprecationWarning)
+            sns.boxplot(data=solved, x="sweeps", y="task", order=problems, ax=ax, showfliers=False, width=0.5,
+                        color="0.85", linewidth=0.8, log_scale=True)
+        sns.stripplot(data=solved, x="sweeps", y="task", order=problems, ax=ax, size=1.8, alpha=0.45,
+                      color="C0", jitter=0.2)
+    ax.set_xscale("log")
+    for k, p in enumerate(problems):
+        if p in PAPER_SWEEPS:
+            ax.plot(PAPER_SWEEPS[p], k, marker="D", color="C3", ms=6, mec="k", mew=0.5, ls="none")
+        elif p == "family_trees":
+            ax.plot(FAMILY_TREES_SWEEPS, k, marker="D", mfc="none", mec="C3", ms=6, ls="none")
+        n, s = int((r["task"] == p).sum()), int((solved["task"] == p).sum())
+        ax.annotate(f"{s}/{n}", xy=(1.0, k), xycoords=("axes fraction", "data"), xytext=(3, 0),
+                    textcoords="offset points", va="center", fontsize=7)
+    ax.set(ylabel="", xlabel="sweeps to criterion (solved seeds)")
+    ax.set_yticks(range(len(problems)), [p.replace("_", " ") for p in problems])
+    ax.plot([], [], marker="D", color="C3", mec="k", mew=0.5, ls="none", label="paper")
+    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncols=2, frameon=False)
+    ax.set_title("solved / seeds", loc="right", fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def hinton_weights(params: dict, title: str | None = None) -> plt.Figure:
+    """Hinton diagram of a 1-hidden-layer net (the 6-2-1 symmetry net): squares of area ~ |w|, white
+    positive, black negative, on grey. Left: hidden units' input weights and bias; right: the output's."""
+    set_theme()
+    w1 = np.asarray(params["layers.0.weight"], float)  # (n_in, hidden)
+    b1 = np.asarray(params["layers.0.bias"], float).reshape(-1)  # (hidden,)
+    w2 = np.asarray(params["layers.1.weight"], float)  # (hidden, n_out)
+    b2 = np.asarray(params["layers.1.bias"], float).reshape(-1)
+    left = np.column_stack([w1.T, b1])  # (hidden, n_in + 1)
+    right = np.column_stack([w2.T, b2])  # (n_out, hidden + 1)
+    wmax = max(np.abs(left).max(), np.abs(right).max())
+    fig, axes = plt.subplots(1, 2, figsize=(SINGLE, 1.5), width_ratios=[left.shape[1], right.shape[1] + 0.6])
+    for ax, m, rows, cols in ((axes[0], left, [f"h{i + 1}" for i in range(left.shape[0])],
+                               [f"x{i + 1}" for i in range(w1.shape[0])] + ["bias"]),
+                              (axes[1], right, ["out"] if right.shape[0] == 1 else
+                               [f"y{i + 1}" for i in range(right.shape[0])],
+                               [f"h{i + 1}" for i in range(w2.shape[0])] + ["bias"])):
+        ax.set_facecolor("0.55")
+        for (i, j), w in np.ndenumerate(m):
+            side = np.sqrt(abs(w) / wmax) * 0.92
+            ax.add_patch(plt.Rectangle((j - side / 2, i - side / 2), side, side,
+                                       facecolor="white" if w > 0 else "black", edgecolor="none"))
+        ax.set(xlim=(-0.5, m.shape[1] - 0.5), ylim=(m.shape[0] - 0.5, -0.5), aspect="equal")
+        ax.set_xticks(range(m.shape[1]), cols)
+        ax.set_yticks(range(m.shape[0]), rows)
+        ax.grid(False)
+        ax.tick_params(length=0)
+    axes[0].set_title("input -> hidden")
+    axes[1].set_title("hidden -> output")
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------------ mean field
+def meanfield_ratios(table: pd.DataFrame) -> plt.Figure:
+    """Measured median ||delta^l|| / ||delta^(l+1)|| (IQR as error bars) vs the mean-field sqrt(chi1),
+    log-log with the identity. `table`: activation, sigma_w, sigma_b, predicted, measured, q25, q75."""
+    set_theme()
+    _require(table, "the mean-field comparison")
+    fig, ax = plt.subplots(figsize=(SINGLE, SINGLE * 0.9))
+    acts = _order(table["activation"], ACT_ORDER)
+    markers = dict(zip(sorted(table["sigma_b"].unique()), "osD^v"))
+    for k, act in enumerate(acts):
+        d = table[table["activation"] == act]
+        for sb, m in markers.items():
+            e = d[d["sigma_b"] == sb]
+            if e.empty:
+                continue
+            err = np.vstack([e["measured"] - e["q25"], e["q75"] - e["measured"]])
+            ax.errorbar(e["predicted"], e["measured"], yerr=err, fmt=m, color=f"C{k}", ms=4, lw=0.8, mfc="none"
+                        if sb else None)
+    lo = min(table["predicted"].min(), table["q25"].min()) * 0.8
+    hi = max(table["predicted"].max(), table["q75"].max()) * 1.25
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.7)
+    ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), xlabel=r"mean field $\sqrt{\chi_1}$",
+           ylabel=r"measured $\|\delta^l\| / \|\delta^{l+1}\|$")
+    ticks = [t for t in (0.1, 0.2, 0.3, 0.5, 0.7, 1, 1.5, 2, 3, 5) if lo <= t <= hi]
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
+        axis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    handles = [plt.Line2D([], [], color=f"C{k}", marker="o", ls="none", label=a) for k, a in enumerate(acts)]
+    handles += [plt.Line2D([], [], color="0.3", marker=m, ls="none", mfc="none" if sb else None,
+                           label=f"sigma_b {sb:g}") for sb, m in markers.items()]
+    ax.legend(handles=handles, loc="upper left", fontsize=6.5)
+    fig.tight_layout()
+    return fig
