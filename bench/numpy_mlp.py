@@ -49,6 +49,46 @@ def dphi(name: str, z: np.ndarray, h: np.ndarray) -> np.ndarray:
     raise ValueError(name)
 
 
+def _sigmoid(z):
+    t = z * 0.5
+    np.tanh(t, out=t)
+    t += 1.0
+    t *= 0.5  # = phi("sigmoid", z) bit for bit, with one temporary instead of three
+    return t
+
+
+def _tanh(z):
+    return np.tanh(z)
+
+
+def _dphi_sigmoid_times(grad, h):
+    t = 1.0 - h
+    t *= h
+    t *= grad  # = grad * (h * (1 - h)), the same roundings as grad * dphi("sigmoid", z, h)
+    return t
+
+
+def _dphi_tanh_times(grad, h):
+    t = h * h
+    np.subtract(1.0, t, out=t)
+    t *= grad
+    return t
+
+
+def phi_fn(name: str):
+    """phi as a one-argument function, looked up once per layer instead of once per call."""
+    return {"sigmoid": _sigmoid, "tanh": _tanh, "softmax": softmax}.get(name) or (lambda z: phi(name, z))
+
+
+def grad_times_dphi_fn(name: str):
+    """(grad, z, h) -> grad * phi'(z), in place where the activation allows it."""
+    if name == "sigmoid":
+        return lambda grad, z, h: _dphi_sigmoid_times(grad, h)
+    if name == "tanh":
+        return lambda grad, z, h: _dphi_tanh_times(grad, h)
+    return lambda grad, z, h: grad * dphi(name, z, h)
+
+
 DPHI_MAX = {"sigmoid": 0.25, "tanh": 1.0, "relu": 1.0, "leaky_relu": 1.0, "softsign": 1.0}
 SATURATED = 0.05  # a unit is saturated (or dead) where phi'(z) < 5% of the largest phi' can be
 
@@ -71,6 +111,25 @@ def loss_value(loss: str, y: np.ndarray, d: np.ndarray, logits: np.ndarray) -> n
     raise ValueError(loss)
 
 
+def loss_and_delta(loss: str, output: str, y: np.ndarray, d: np.ndarray, logits: np.ndarray):
+    """(loss_value, output_delta) with y - d computed once; the same roundings as the two functions."""
+    e = y - d
+    if loss == "sse_half":
+        losses = 0.5 * (e * e).sum((1, 2))
+    elif loss == "mse":
+        losses = (e * e).mean((1, 2))
+    else:
+        return loss_value(loss, y, d, logits), output_delta(loss, output, y, d)
+    if loss == "mse":
+        e *= 2.0 / (y.shape[1] * y.shape[2])
+    if output == "sigmoid":
+        t = 1.0 - y
+        t *= y
+        t *= e  # e * (y * (1 - y))
+        return losses, t
+    return losses, e
+
+
 def output_delta(loss: str, output: str, y: np.ndarray, d: np.ndarray) -> np.ndarray:
     """dLoss/dz for the output layer: loss derivative times the output non-linearity's."""
     if loss == "cross_entropy":  # softmax + cross-entropy: the Jacobians cancel to (p - d)
@@ -80,7 +139,11 @@ def output_delta(loss: str, output: str, y: np.ndarray, d: np.ndarray) -> np.nda
 
 
 class Layer:
-    """Layer i: z = a W + b (+ x D on the output layer with direct connections), then norm/phi."""
+    """Layer i: z = a W + b (+ x D on the output layer with direct connections), then norm/phi.
+
+    The layer holds its parameter and gradient arrays directly (views into the network's flat
+    buffers, updated in place), so the hot loop does no dict lookups; gradients are written in place.
+    """
 
     def __init__(self, spec: NetSpec, i: int, params: dict, grads: dict, buffers: dict):
         # params/grads/buffers are the network's dicts, shared: the optimizer updates params in place
@@ -91,22 +154,31 @@ class Layer:
         self.residual = spec.is_residual(i)
         self.direct = not self.hidden and spec.direct
         self.mask = spec.first_layer_mask() if i == 0 else None
+        self.phi = phi_fn(self.act)
+        self.grad_times_dphi = grad_times_dphi_fn(self.act) if self.hidden else None
+        P = self.p
+        self.W, self.gW = params[P + "weight"], grads[P + "weight"]
+        self.WT = self.W.transpose(0, 2, 1)  # a view: stays valid as W is updated in place
+        if self.mask is not None:
+            self.mask = self.mask.astype(self.W.dtype)
+        if self.bn:
+            self.gamma, self.beta = params[P + "gamma"], params[P + "beta"]
+            self.g_gamma, self.g_beta = grads[P + "gamma"], grads[P + "beta"]
+        else:
+            self.b, self.gb = params[P + "bias"], grads[P + "bias"]
+        if self.direct:
+            self.D, self.gD = params[P + "direct"], grads[P + "direct"]
 
     def forward(self, a: np.ndarray, x: np.ndarray, train: bool) -> np.ndarray:
-        P = self.p
-        W = self.buf[P + "weight"]
-        z = np.matmul(a, W)  # (E, B, fan_out)
+        z = np.matmul(a, self.W)  # (E, B, fan_out)
         if self.direct:
-            z += np.matmul(x, self.buf[P + "direct"])
+            z += np.matmul(x, self.D)
         if self.bn:
             n = self._bn_forward(z, train)
         else:
-            z += self.buf[P + "bias"]
+            z += self.b
             n = z
-        if self.act == "softmax":
-            h = softmax(n)
-        else:
-            h = phi(self.act, n)
+        h = self.phi(n)
         self.a_in, self.x, self.z, self.n, self.h = a, x, z, n, h
         return a + h if self.residual else h
 
@@ -124,56 +196,72 @@ class Layer:
             mu, var = self.buffers[P + "running_mean"], self.buffers[P + "running_var"]
         self.inv_std = 1.0 / np.sqrt(var + BN_EPS)
         self.xhat = (z - mu) * self.inv_std
-        return self.buf[P + "gamma"] * self.xhat + self.buf[P + "beta"]
+        return self.gamma * self.xhat + self.beta
 
     def backward(self, grad: np.ndarray, need_input_grad: bool, delta_out: np.ndarray | None = None):
         """grad = dLoss/d(layer output); returns dLoss/d(layer input). Output layer: pass delta_out."""
-        P, G = self.p, self.g
         if delta_out is not None:
             dn = delta_out
         else:
-            dn = grad * dphi(self.act, self.n, self.h)
+            dn = self.grad_times_dphi(grad, self.n, self.h)
         if self.bn:
             xhat, B = self.xhat, dn.shape[1]
-            G[P + "gamma"] = (dn * xhat).sum(1, keepdims=True)
-            G[P + "beta"] = dn.sum(1, keepdims=True)
-            dxhat = dn * self.buf[P + "gamma"]
+            np.sum(dn * xhat, axis=1, keepdims=True, out=self.g_gamma)
+            np.sum(dn, axis=1, keepdims=True, out=self.g_beta)
+            dxhat = dn * self.gamma
             # the usual batch-norm backward: mean and variance depend on every case in the batch
             dz = self.inv_std / B * (B * dxhat - dxhat.sum(1, keepdims=True)
                                      - xhat * (dxhat * xhat).sum(1, keepdims=True))
         else:
             dz = dn
-            G[P + "bias"] = dz.sum(1, keepdims=True)
+            np.sum(dz, axis=1, keepdims=True, out=self.gb)
         self.delta = dz  # (E, B, fan_out)
-        dW = np.matmul(self.a_in.transpose(0, 2, 1), dz)  # (E, fan_in, fan_out)
+        np.matmul(self.a_in.transpose(0, 2, 1), dz, out=self.gW)  # (E, fan_in, fan_out)
         if self.mask is not None:
-            dW *= self.mask  # weights outside the blocks do not exist: keep them at 0
-        G[P + "weight"] = dW
+            self.gW *= self.mask  # weights outside the blocks do not exist: keep them at 0
         if self.direct:
-            G[P + "direct"] = np.matmul(self.x.transpose(0, 2, 1), dz)
+            np.matmul(self.x.transpose(0, 2, 1), dz, out=self.gD)
         if not need_input_grad:
             return None
-        grad_in = np.matmul(dz, self.buf[P + "weight"].transpose(0, 2, 1))
-        return grad_in + grad if self.residual else grad_in
+        grad_in = np.matmul(dz, self.WT)
+        if self.residual:
+            grad_in += grad
+        return grad_in
 
 
 class NumpyMLP:
-    """The NumPy network: `params` and `grads` are dicts {name: (E, ...)} in `NetSpec.params()` order."""
+    """The NumPy network: `params` and `grads` are dicts {name: (E, ...)} in `NetSpec.params()` order.
+
+    Every parameter (and every gradient) is a view into one flat buffer, `flat_params` (`flat_grads`),
+    so the optimizer updates all of them with a handful of array operations instead of a few per
+    parameter: on tiny nets per-operation overhead, not arithmetic, sets the speed.
+    """
 
     def __init__(self, spec: NetSpec, params: dict[str, np.ndarray], loss: str):
         spec.check()
         self.spec, self.loss = spec, loss
         self.names = [name for name, *_ in spec.params()]
-        self.params = {name: np.array(params[name]) for name in self.names}  # own copies
-        self.grads: dict[str, np.ndarray] = {}
-        E = next(iter(self.params.values())).shape[0]
-        dtype = self.params[self.names[0]].dtype
+        dtype = np.asarray(params[self.names[0]]).dtype
+        sizes = [np.asarray(params[name]).size for name in self.names]
+        self.flat_params = np.empty(sum(sizes), dtype)
+        self.flat_grads = np.zeros(sum(sizes), dtype)
+        self.params, self.grads = {}, {}
+        off = 0
+        for name, size in zip(self.names, sizes):
+            shape = np.shape(params[name])
+            self.params[name] = self.flat_params[off:off + size].reshape(shape)
+            self.params[name][...] = params[name]  # own copies
+            self.grads[name] = self.flat_grads[off:off + size].reshape(shape)
+            off += size
+        E = self.params[self.names[0]].shape[0]
         self.buffers = {}
         if spec.norm == "batchnorm":
             for i, w in enumerate(spec.widths):
                 self.buffers[f"layers.{i}.running_mean"] = np.zeros((E, 1, w), dtype)
                 self.buffers[f"layers.{i}.running_var"] = np.ones((E, 1, w), dtype)
         self.layers = [Layer(spec, i, self.params, self.grads, self.buffers) for i in range(spec.n_layers)]
+        self.output_layer = self.layers[-1]
+        self.hidden_reversed = self.layers[-2::-1]
 
     def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
         """Outputs (E, B, n_out) for inputs x (E | 1, B, n_in)."""
@@ -185,11 +273,12 @@ class NumpyMLP:
     def loss_and_grads(self, x: np.ndarray, d: np.ndarray, record: bool = False):
         """One training forward and backward: returns (loss (E,), outputs (E, B, n_out))."""
         y = self.forward(x, train=True)
-        losses = loss_value(self.loss, y, d, self.layers[-1].n)
-        delta = output_delta(self.loss, self.spec.output, y, d)
-        grad = self.layers[-1].backward(None, True, delta_out=delta)
-        for i in range(len(self.layers) - 2, -1, -1):
-            grad = self.layers[i].backward(grad, i > 0)
+        out = self.output_layer
+        losses, delta = loss_and_delta(self.loss, self.spec.output, y, d, out.n)
+        grad = out.backward(None, True, delta_out=delta)
+        last = self.hidden_reversed[-1]
+        for layer in self.hidden_reversed:
+            grad = layer.backward(grad, layer is not last)
         return losses, y
 
     def evaluate(self, x: np.ndarray, d: np.ndarray):

@@ -37,21 +37,50 @@ def numpy_layer_stats(net) -> np.ndarray:
     for li, layer in enumerate(net.layers):
         h = layer.h.reshape(E, -1)
         delta = layer.delta.reshape(E, -1)
+        n = h.shape[1]
         if layer.act in DPHI_MAX:
-            sat = (dphi(layer.act, layer.n, layer.h) < SATURATED * DPHI_MAX[layer.act]).reshape(E, -1).mean(1)
+            below = dphi(layer.act, layer.n, layer.h) < SATURATED * DPHI_MAX[layer.act]
+            sat = np.count_nonzero(below.reshape(E, -1), axis=1) / n  # no float copy of the mask
         else:
             sat = np.full(E, np.nan)
-        per_layer[li + 1] = (np.sqrt((delta * delta).sum(1)), h.mean(1), h.std(1), sat)
+        mean = h.mean(1)
+        centred = h - mean[:, None]
+        # two-pass variance as np.std, with the square-and-sum fused (no squared temporary)
+        std = np.sqrt(np.vecdot(centred, centred) / n)
+        per_layer[li + 1] = (np.sqrt(np.vecdot(delta, delta)), mean, std, sat)
     mask = spec.first_layer_mask()
-    for r, (name, (layer, kind)) in enumerate(zip(net.names, _row_layout(spec))):
-        g = net.grads[name].reshape(E, -1)
-        w = net.params[name].reshape(E, -1)
-        count = mask.sum() if (layer == 1 and kind == "weight" and mask is not None) else g.shape[1]
-        out[r, :, 0] = np.sqrt((g * g).sum(1))
-        out[r, :, 1] = np.abs(g).sum(1) / count
-        out[r, :, 2] = np.sqrt((w * w).sum(1))
+    layout = _row_layout(spec)
+    count = np.array([mask.sum() if (layer == 1 and kind == "weight" and mask is not None)
+                      else net.grads[name][0].size for name, (layer, kind) in zip(net.names, layout)], float)
+    flat_g, flat_w = getattr(net, "flat_grads", None), getattr(net, "flat_params", None)
+    if flat_g is not None:
+        # every parameter is a contiguous (E, n) block of the flat buffers: one reduceat per statistic
+        # sums all (parameter, member) segments at once instead of a few operations per parameter
+        starts = _segment_starts(net, E)
+        g2 = np.add.reduceat(flat_g * flat_g, starts).reshape(-1, E)  # (n_params, E)
+        g1 = np.add.reduceat(np.abs(flat_g), starts).reshape(-1, E)
+        w2 = np.add.reduceat(flat_w * flat_w, starts).reshape(-1, E)
+    else:
+        g2, g1, w2 = (np.stack([f(name) for name in net.names]) for f in (
+            lambda n: (lambda g: (g * g).sum(1))(net.grads[n].reshape(E, -1)),
+            lambda n: np.abs(net.grads[n].reshape(E, -1)).sum(1),
+            lambda n: (lambda w: (w * w).sum(1))(net.params[n].reshape(E, -1))))
+    out[:, :, 0] = np.sqrt(g2)
+    out[:, :, 1] = g1 / count[:, None]
+    out[:, :, 2] = np.sqrt(w2)
+    for r, (layer, _) in enumerate(layout):
         out[r, :, 3:] = np.stack(per_layer[layer], 1)
     return out
+
+
+def _segment_starts(net, E: int) -> np.ndarray:
+    """Start of each (parameter, member) row in the network's flat buffers, cached on the network."""
+    starts = getattr(net, "_stat_starts", None)
+    if starts is None:
+        sizes = [net.params[name][0].size for name in net.names]
+        starts = np.concatenate([[0], np.cumsum(np.repeat(sizes, E))[:-1]]).astype(np.intp)
+        net._stat_starts = starts
+    return starts
 
 
 def torch_layer_stats(net) -> np.ndarray:
