@@ -62,12 +62,20 @@ def test_run_writes_contract_tables(cfg_factory, tmp_path):
     assert counts == {"trained": 3, "skipped": 0, "failed": 0}
     exp = tmp_path / "results" / "t"
     res = results.load(exp)
-    assert list(res.runs.columns[: len(CONTRACT_RUNS)]) or True
+    # the runs table has the schema's columns in the schema's order, and the contract columns appear in
+    # the contract's order (other columns may sit between them, e.g. job_id after run_id)
+    assert list(res.runs.columns) == list(results.RUNS_SCHEMA.names)
+    assert [c for c in res.runs.columns if c in CONTRACT_RUNS] == CONTRACT_RUNS
     for col in CONTRACT_RUNS:
         assert col in res.runs.columns, col
     for col in CONTRACT_LAYERS:
         assert col in res.layers.columns, col
-    assert res.runs["seed"].tolist() == sorted(res.runs["seed"].tolist()) or True
+    # load() sorts runs by run_id (a hash, so not by seed: when written, seeds 0, 1, 2 loaded as 1, 2, 0); each
+    # run appears once, and member k of the ensemble is the run with seed cfg.seed + k
+    run_ids = res.runs["run_id"].tolist()
+    assert run_ids == sorted(run_ids) and len(set(run_ids)) == len(run_ids)
+    assert (res.runs["seed"] == cfg.seed + res.runs["member"]).all()
+    assert res.steps[["run_id", "step"]].equals(res.steps[["run_id", "step"]].sort_values(["run_id", "step"]))
     assert sorted(res.runs["seed"]) == [0, 1, 2]
     assert set(res.runs["status"]) == {"ok"}
     assert res.runs["depth"].dtype == np.int64 and res.runs["residual"].dtype == bool
