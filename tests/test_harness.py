@@ -224,3 +224,100 @@ def test_interrupted_sweep_finishes_only_the_rest(tmp_path, monkeypatch):
         run(compose_cfg([*overrides, f"seed={seed}"], results_dir=tmp_path))
     assert trained == [2, 3]
     assert sorted(results.load(tmp_path / "i").runs["seed"]) == [0, 1, 2, 3]
+
+
+# --- presets' grids and packaging --------------------------------------------------------------
+
+def test_meanfield_grid_includes_he_init(tmp_path):
+    # the grid is in sigma_w, so He (sigma_w^2 = 2, the relu critical point) is only there if someone
+    # writes sqrt(2) out; read the sweep as Hydra would, compose each value and ask theory for sw2
+    from omegaconf import OmegaConf
+
+    from bench import theory
+
+    preset = OmegaConf.load(Path(__file__).parents[1] / "conf/experiment/meanfield.yaml")
+    values = str(OmegaConf.select(preset, "hydra.sweeper.params")["model.init_scale"]).split(",")
+    sw2s = []
+    for value in values:
+        cfg = compose_cfg(["experiment=meanfield", f"model.init_scale={value}"], results_dir=tmp_path)
+        _, net, _ = validate(cfg)
+        assert cfg.model.init.value == "meanfield"  # an Enum in the typed schema
+        sw2, _ = theory.init_variances("meanfield", net.widths[0], scale=cfg.model.init_scale)
+        sw2s.append(sw2)
+    # 1e-12: sqrt(2) written to 17 significant digits squares to 2 within one rounding (~4e-16)
+    assert any(abs(sw2 - 2.0) < 1e-12 for sw2 in sw2s), sw2s
+    assert any(abs(sw2 - 1.0) < 1e-12 for sw2 in sw2s), sw2s  # and the LeCun/meanfield default sigma_w = 1
+    assert len(values) <= 5  # x 3 activations x 2 biases: a grid that still runs in minutes
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = sorted([*ROOT.glob("bench/**/*.py"), *ROOT.glob("analysis/**/*.py")])  # what pip installs
+# (regular expression, what it needs): features whose use raises the lower bounds in pyproject.toml
+NEEDS_PYTHON = [(r"\bdatetime\.UTC\b|from datetime import [^\n]*\bUTC\b", (3, 11), "datetime.UTC"),
+                (r"^\s*(import|from) tomllib\b", (3, 11), "tomllib"),
+                (r"\bexcept\*", (3, 11), "except*")]
+NEEDS_NUMPY = [(r"\bnp\.vecdot\b|\bnumpy\.vecdot\b", (2, 0), "np.vecdot"),
+               (r"\bnp\.(matrix_transpose|unique_values|unique_counts)\b", (2, 0), "numpy 2 array-API names")]
+
+
+def _lower_bound(requirement: str) -> tuple[int, ...]:
+    import re
+
+    m = re.search(r">=\s*([0-9][0-9.]*)", requirement)
+    assert m, f"{requirement!r} has no >= lower bound"
+    return tuple(int(x) for x in m.group(1).split("."))
+
+
+def _used(table) -> list[tuple[tuple[int, ...], str, str]]:
+    import re
+
+    found = []
+    for path in SOURCES:
+        text = path.read_text()
+        for pattern, version, what in table:
+            if re.search(pattern, text, re.MULTILINE):
+                found.append((version, what, str(path.relative_to(ROOT))))
+    return found
+
+
+def test_pyproject_lower_bounds_cover_what_the_code_uses():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    python_min = _lower_bound(project["project"]["requires-python"])
+    numpy_req = [r for r in project["project"]["dependencies"] if r.split(">")[0].split("=")[0].strip() == "numpy"]
+    assert len(numpy_req) == 1, project["project"]["dependencies"]
+    numpy_min = _lower_bound(numpy_req[0])
+    assert SOURCES, "no package sources found"
+    for version, what, where in _used(NEEDS_PYTHON):
+        assert python_min >= version, f"{where} uses {what} (Python {version}); requires-python says {python_min}"
+    for version, what, where in _used(NEEDS_NUMPY):
+        assert numpy_min >= version, f"{where} uses {what} (NumPy {version}); dependencies say numpy {numpy_min}"
+    # ruff must not suggest (or accept) code for an older Python than the package supports
+    target = project["tool"]["ruff"]["target-version"]
+    assert target == "py" + "".join(map(str, python_min[:2])), (target, python_min)
+
+
+def test_citation_cff_matches_pyproject():
+    import tomllib
+
+    import yaml
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    cff = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    assert cff["cff-version"] == "1.2.0" and cff["type"] == "software"
+    assert cff["title"] == project["name"]
+    assert cff["version"] == project["version"]  # a release bumps both or neither
+    assert cff["license"] == project["license"]["text"] == "MIT"
+    assert str(cff["date-released"]) == "2026-11-28"
+    assert cff["authors"] and all("name" in a or "family-names" in a for a in cff["authors"])
+    # every reference is citable: a type, a title, authors and a year (CFF's required reference keys)
+    assert len(cff["references"]) >= 9
+    for ref in cff["references"]:
+        assert {"type", "title", "authors", "year"} <= set(ref), ref.get("title")
+        assert all("family-names" in a or "name" in a for a in ref["authors"]), ref["title"]
+    first_authors = {ref["authors"][0]["family-names"] for ref in cff["references"]}
+    assert {"Rumelhart", "Nielsen", "Glorot", "Poole", "Schoenholz", "He", "Ioffe", "Yang", "Pennington"} <= first_authors
+    # the license pyproject.toml promises is the one shipped
+    license_text = (ROOT / "LICENSE").read_text()
+    assert license_text.startswith("MIT License") and "Copyright (c) 2026 the vgbench authors" in license_text
