@@ -26,11 +26,12 @@ from bench.tasks import Task, make_task
 from bench.train import Batches, train
 
 
-def _losses(out, member: int) -> np.ndarray:
-    """Logged training losses of one member, by step (log_every=1: one per step)."""
+def _logged(out, member: int, column: str = "batch_loss") -> np.ndarray:
+    """One member's logged `column` by step (log_every=1: one per step); batch_loss is the loss the
+    step's gradient is of, loss the whole training set in evaluation mode."""
     rows = out.steps["member"] == member
     order = np.argsort(out.steps["step"][rows])
-    return out.steps["loss"][rows][order]
+    return out.steps[column][rows][order]
 
 
 # --- 1. the optimizer and its schedule against the 1986 rule written by hand -------------------
@@ -92,8 +93,10 @@ def test_schedule_and_weight_decay_match_the_rule_by_hand(schedule):
     # from BLAS picking another kernel for another memory layout (~1e-16 per step). A schedule off by
     # one step, or decay applied before the velocity, moves the loss by > 1e-6 (checked below).
     for k in range(len(seeds)):
-        logged = _losses(out, k)
+        logged = _logged(out, k)
         assert len(logged) == steps + 1
+        # full batch, no batch norm: the evaluation-mode loss of the training set is the same number
+        np.testing.assert_array_equal(_logged(out, k, "loss"), logged)
         for t in range(steps + 1):
             assert logged[t] == pytest.approx(ref_losses[t, k], rel=1e-12, abs=1e-300), (k, t)
     for name, p in ref_params.items():
@@ -214,18 +217,21 @@ class Reference(nn.Module):
 
 @pytest.fixture(scope="module")
 def digits():
-    # one intra-op thread: these nets are tiny, and on a shared machine torch's thread pool costs
-    # ~0.2 s per backward pass in synchronisation instead of ~1 ms of arithmetic
+    # one thread for torch and for NumPy's BLAS: these nets are tiny, and on a shared machine the
+    # thread pools cost ~0.2 s per backward pass in synchronisation instead of ~1 ms of arithmetic
+    from threadpoolctl import threadpool_limits
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield make_task("digits")
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield make_task("digits")
     torch.set_num_threads(threads)
 
 
 def _run_both(arch: str, activation: str, task: Task, k: int = 1):
     """Train member k of a two-member ensemble with the NumPy engine and with stock torch modules.
 
-    Returns {"loss" | "test_loss": (engine (steps+1,), reference (steps+1,))} and
+    Returns {"batch_loss" | "loss" | "test_loss": (engine (steps+1,), reference (steps+1,))} and
     {name: (engine, reference)} final parameters in bench's shapes (no ensemble axis).
     """
     residual, norm = ARCHS[arch]
@@ -249,16 +255,17 @@ def _run_both(arch: str, activation: str, task: Task, k: int = 1):
     x, target = torch.from_numpy(task.x_train), torch.from_numpy(task.y_train.argmax(1))
     x_test, target_test = torch.from_numpy(task.x_test), torch.from_numpy(task.y_test.argmax(1))
     batches = Batches(task.x_train, task.y_train, REF_BATCH, [seeds[k]])  # the data stream, not the maths
-    train_loss, test_loss = [], []
+    batch_loss, train_loss, test_loss = [], [], []
     for t in range(REF_STEPS + 1):
         ref.train()
         idx = torch.from_numpy(batches.indices(t)[0])
         opt.zero_grad()
         loss = ce(ref(x[idx]), target[idx])
         loss.backward()
-        train_loss.append(loss.item())
+        batch_loss.append(loss.item())
         ref.eval()  # running statistics (nn.BatchNorm1d keeps the unbiased batch variance in running_var)
         with torch.no_grad():
+            train_loss.append(ce(ref(x), target).item())
             test_loss.append(ce(ref(x_test), target_test).item())
         if t == REF_STEPS:
             break
@@ -270,7 +277,7 @@ def _run_both(arch: str, activation: str, task: Task, k: int = 1):
     rows = out.steps["member"] == k
     assert out.steps["step"][rows].tolist() == list(range(REF_STEPS + 1))
     losses = {name: (out.steps[name][rows], np.array(ours)) for name, ours in
-              (("loss", train_loss), ("test_loss", test_loss))}
+              (("batch_loss", batch_loss), ("loss", train_loss), ("test_loss", test_loss))}
     final = ref.as_bench(batchnorm)
     assert set(final) == set(out.params)
     return losses, {name: (out.params[name][k], p) for name, p in final.items()}
