@@ -8,9 +8,12 @@ what would be valid. `bench.run.main` prints any of these as that one line and e
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 import os
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, fields, make_dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any, List
@@ -18,9 +21,13 @@ from typing import Any, List
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from bench.activations import ACTIVATIONS
 from bench.init import SCHEMES
-from bench.spec import ACTIVATIONS, NetSpec, TrainSpec
-from bench.tasks import Task, make_task
+from bench.losses import LOSSES
+from bench.spec import NORMS, NetSpec, TrainSpec
+from bench.tasks import MAKERS, Task, make_task
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the repository's conf/ (install with pip -e)
 
 
 class ConfigError(ValueError):
@@ -29,78 +36,40 @@ class ConfigError(ValueError):
 
 # Enums, not Literal: Hydra 1.3's OmegaConf checks Enum choices and names them in its error
 Backend = Enum("Backend", {"numpy": "numpy", "torch": "torch"})
-Activation = Enum("Activation", {a: a for a in ACTIVATIONS})
-Norm = Enum("Norm", {"none": "none", "batchnorm": "batchnorm"})
+ActivationName = Enum("ActivationName", {a: a for a in ACTIVATIONS})
+Norm = Enum("Norm", {n: n for n in NORMS})
 Init = Enum("Init", {s: s for s in SCHEMES})
-Loss = Enum("Loss", {"auto": "auto", "sse_half": "sse_half", "mse": "mse", "cross_entropy": "cross_entropy"})
+LossName = Enum("LossName", {n: n for n in ("auto", *LOSSES)})
 DType = Enum("DType", {"float64": "float64", "float32": "float32"})
 Device = Enum("Device", {"cpu": "cpu", "cuda": "cuda"})
 Progress = Enum("Progress", {"auto": "auto", "bar": "bar", "log": "log", "none": "none"})
 
 
 # ---- task group: one schema per task, so a misspelt task option is rejected -------------------
-@dataclass
-class XorTask:
-    name: str = "xor"
+def _task_schema(name: str, maker) -> type:
+    """The schema of a task's options, read off its maker's signature in bench.tasks (the one place
+    their defaults and meaning are written), plus the `name` the task group selects it by."""
+    hints = typing.get_type_hints(maker)
+    fields = [("name", str, field(default=name))]
+    fields += [(p.name, hints[p.name], field(default=p.default))
+               for p in inspect.signature(maker).parameters.values()]
+    return make_dataclass("".join(w.title() for w in name.split("_")) + "Task", fields)
 
 
-@dataclass
-class ParityTask:
-    name: str = "parity"
-    bits: int = 4  # input bits; 2**bits patterns
+TASK_SCHEMAS = {name: _task_schema(name, maker) for name, maker in MAKERS.items()}
 
 
-@dataclass
-class EncoderTask:
-    name: str = "encoder"
-    n: int = 8  # n one-hot patterns through log2(n) hidden units (set model.width)
-
-
-@dataclass
-class SymmetryTask:
-    name: str = "symmetry"
-    bits: int = 6  # all 2**bits patterns; target 1 for mirror images
-
-
-@dataclass
-class FamilyTreesTask:
-    name: str = "family_trees"
-    n_test: int = 4  # held-out triples (1986: 4 of 104)
-    split_seed: int = 0  # which triples are held out
-
-
-@dataclass
-class DigitsTask:
-    name: str = "digits"
-    test_fraction: float = 0.2  # of scikit-learn's 1,797 bundled 8x8 digits
-    split_seed: int = 0
-
-
-@dataclass
-class TeacherTask:
-    name: str = "teacher"
-    n_in: int = 16  # input size of student and teacher
-    n_out: int = 1
-    n_train: int = 1024
-    n_test: int = 256
-    teacher_depth: int = 3  # hidden layers of the random tanh teacher
-    teacher_width: int = 32
-    data_seed: int = 0  # fixes the teacher and the inputs, independent of the student's seed
-
-
-TASK_SCHEMAS = {"xor": XorTask, "parity": ParityTask, "encoder": EncoderTask, "symmetry": SymmetryTask,
-                "family_trees": FamilyTreesTask, "digits": DigitsTask, "teacher": TeacherTask}
-
-
+# ---- the defaults: each value is set here, once; conf/*.yaml only select these schemas ----------
+# The default run is a 2-4-1 sigmoid net on XOR (README, "Defaults"; tests/test_harness.py checks it).
 @dataclass
 class ModelConfig:
     depth: int = 1  # hidden layers (>= 1)
-    width: int = 2  # units per hidden layer (>= 1)
+    width: int = 4  # units per hidden layer (>= 1): 4 solves XOR from most seeds, 2 often sticks
     widths: List[int] | None = None  # explicit hidden widths, input side first; overrides depth/width
-    activation: Activation = Activation.sigmoid  # hidden non-linearity
+    activation: ActivationName = ActivationName.sigmoid  # hidden non-linearity, see bench/activations.py
     residual: bool = False  # a' = a + act(norm(W a + b)) around hidden layers of equal width
     norm: Norm = Norm.none  # batchnorm: batch statistics in training, running ones for evaluation
-    init: Init = Init.uniform  # weight scheme, see bench/init.py
+    init: Init = Init.normal  # weight scheme, see bench/init.py; N(0, 1) is Nielsen's text
     init_scale: float | None = None  # the scheme's scale (range, std or gain); null: its default
     init_bias: float | None = None  # bias scale where the scheme has one (meanfield: sigma_b)
     direct: bool = False  # direct input->output weights (the PDP XOR 2-1-1 net)
@@ -110,14 +79,14 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     steps: int = 1000  # parameter updates (a full-batch step is a 1986 "sweep")
-    lr: float = 0.5  # epsilon: dw(t) = -lr dE/dw + momentum dw(t-1)
-    momentum: float = 0.9  # alpha, in [0, 1)
+    lr: float = 0.15  # epsilon: dw(t) = -lr dE/dw + momentum dw(t-1)
+    momentum: float = 0.0  # alpha, in [0, 1); plain gradient descent by default
     momentum_initial: float | None = None  # momentum for the first initial_steps (1986 family trees: 0.5)
     lr_initial: float | None = None  # lr for the first initial_steps (1986 family trees: 0.005)
     initial_steps: int = 0  # how many steps use the *_initial values
     weight_decay: float = 0.0  # every parameter shrinks by this fraction after each update (1986: 0.002)
     batch_size: int | None = None  # null: full batch
-    loss: Loss = Loss.auto  # auto: the loss the task was posed with
+    loss: LossName = LossName.auto  # auto: the loss the task was posed with; see bench/losses.py
     dtype: DType = DType.float64
     device: Device = Device.cpu  # cuda: torch backend only
 
@@ -142,6 +111,9 @@ class Config:
     progress: Progress = Progress.auto  # auto: a bar on a terminal, log lines otherwise
     report: bool = False  # write the report (analysis.report) when a sweep ends
     max_memory_gb: float | None = None  # refuse jobs estimated above this; null: 70% of free memory
+
+
+SCHEMAS = (Config, ModelConfig, TrainConfig, LogConfig, *TASK_SCHEMAS.values())
 
 
 def register() -> None:
@@ -193,23 +165,26 @@ def _finite_positive(x) -> bool:
     return x is not None and math.isfinite(x) and x > 0
 
 
+def unknown_key_message(key: str, names: list[str]) -> str:
+    """`unknown key model.widht; did you mean model.width? valid keys there: ...` (the one hint)."""
+    prefix, _, leaf = key.rpartition(".")
+    close = difflib.get_close_matches(leaf, names, n=1)
+    hint = f"did you mean {prefix + '.' if prefix else ''}{close[0]}? " if close else ""
+    return f"unknown key {key}; {hint}valid keys there: {', '.join(names)}"
+
+
 def _check_keys(cfg: DictConfig) -> None:
     """Keys added with `+key=value` pass Hydra's schema check (it opens the struct for them), but
     the engine would never read them and they would still change the run id: refuse them."""
-    import dataclasses
-    import difflib
-
     nodes = [("", cfg, Config), ("model.", cfg.model, ModelConfig), ("train.", cfg.train, TrainConfig),
              ("log.", cfg.log, LogConfig), ("task.", cfg.task, TASK_SCHEMAS.get(cfg.task.name))]
     for prefix, node, schema in nodes:
         if schema is None:
             continue
-        names = [f.name for f in dataclasses.fields(schema)]
+        names = [f.name for f in fields(schema)]
         for key in node:
             if key not in names:
-                close = difflib.get_close_matches(str(key), names, n=1)
-                hint = f"did you mean {prefix}{close[0]}? " if close else ""
-                raise ConfigError(f"unknown key {prefix}{key}; {hint}valid keys there: {', '.join(names)}")
+                raise ConfigError(unknown_key_message(f"{prefix}{key}", names))
 
 
 def validate(cfg: DictConfig) -> tuple[Task, NetSpec, TrainSpec]:

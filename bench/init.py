@@ -24,6 +24,8 @@ import numpy as np
 from bench.spec import NetSpec
 
 SCHEMES = ("uniform", "normal", "nielsen", "xavier", "he", "torch_default", "orthogonal", "meanfield")
+UNIFORM_RANGE = 0.3  # uniform's default r: the 1986 paper's symmetry net
+NORMAL_STD = 1.0  # normal's default s: the N(0, 1) of Nielsen's text
 
 
 def _orthogonal(rng: np.random.Generator, fan_in: int, fan_out: int) -> np.ndarray:
@@ -36,10 +38,10 @@ def _orthogonal(rng: np.random.Generator, fan_in: int, fan_out: int) -> np.ndarr
 def _draw(rng, scheme, shape, fan_in, fan_out, is_bias, scale, bias_scale):
     """One parameter of one member. `fan_in` may be an array (per column) for block layers."""
     if scheme == "uniform":
-        r = bias_scale if (is_bias and bias_scale is not None) else (0.3 if scale is None else scale)
+        r = bias_scale if (is_bias and bias_scale is not None) else (UNIFORM_RANGE if scale is None else scale)
         return rng.uniform(-r, r, shape)
     if scheme == "normal":
-        s = bias_scale if (is_bias and bias_scale is not None) else (1.0 if scale is None else scale)
+        s = bias_scale if (is_bias and bias_scale is not None) else (NORMAL_STD if scale is None else scale)
         return rng.normal(0.0, s, shape)
     g = 1.0 if scale is None else scale
     if scheme == "nielsen":
@@ -60,6 +62,54 @@ def _draw(rng, scheme, shape, fan_in, fan_out, is_bias, scale, bias_scale):
     if scheme == "orthogonal":
         return g * _orthogonal(rng, *shape)
     raise ValueError(f"model.init={scheme!r}; valid choices: {', '.join(SCHEMES)}")
+
+
+def init_variances(scheme, fan_in: int, scale: float | None = None, bias_scale: float | None = None,
+                   fan_out: int | None = None) -> tuple[float, float]:
+    """(sw2, sb2) = (fan_in Var(W_ij), Var(b_i)) of a layer drawn by `_draw` with these arguments:
+    what the mean-field theory (bench.theory) sees of a scheme.
+
+    scheme         draws (g = scale, default 1)                    sw2                         sb2
+    uniform        W, b ~ U(+-r), r = scale (0.3)                  r^2 fan_in / 3              r_b^2 / 3
+    normal         W, b ~ N(0, s^2), s = scale (1)                 s^2 fan_in                  s_b^2
+    nielsen        W ~ N(0, g^2/fan_in), b ~ N(0, s_b^2), s_b=1    g^2                         s_b^2
+    meanfield      W ~ N(0, g^2/fan_in), b ~ N(0, s_b^2), s_b=0    g^2                         s_b^2
+    xavier         W ~ U(+-g sqrt(6/(fan_in+fan_out)))             2 g^2 fan_in/(fan_in+fan_out)
+    he             W ~ N(0, 2 g^2/fan_in)                          2 g^2
+    orthogonal     W = g Q, Q with orthonormal rows or columns     g^2 fan_in/max(fan_in,fan_out)
+    torch_default  W ~ g U(+-1/sqrt(fan_in)), b ~ U(same bound)    g^2 / 3                     1/(3fan_in)
+
+    bias_scale sets r_b (uniform) or s_b, defaulting to r and s; xavier, he and orthogonal have b = 0 or
+    N(0, bias_scale^2); torch_default ignores bias_scale, as `_draw` does. fan_out defaults to fan_in.
+    """
+    name = getattr(scheme, "value", scheme)
+    if name not in SCHEMES:
+        raise ValueError(f"unknown init scheme {scheme!r}; valid choices: {', '.join(SCHEMES)}")
+    if not fan_in >= 1:
+        raise ValueError(f"fan_in must be >= 1, got {fan_in!r}")
+    fan_out = fan_in if fan_out is None else fan_out
+    g2 = 1.0 if scale is None else scale**2
+
+    def bias_var(default_std: float) -> float:
+        return (default_std if bias_scale is None else bias_scale) ** 2
+
+    if name == "uniform":  # Var U(+-r) = r^2 / 3
+        r = UNIFORM_RANGE if scale is None else scale
+        return r * r * fan_in / 3.0, bias_var(r) / 3.0
+    if name == "normal":
+        s = NORMAL_STD if scale is None else scale
+        return s * s * fan_in, bias_var(s)
+    if name == "nielsen":
+        return g2, bias_var(1.0)
+    if name == "meanfield":
+        return g2, bias_var(0.0)
+    if name == "xavier":
+        return 2.0 * g2 * fan_in / (fan_in + fan_out), bias_var(0.0)
+    if name == "he":
+        return 2.0 * g2, bias_var(0.0)
+    if name == "orthogonal":  # unit-norm columns (fan_in >= fan_out) or rows: Var = 1/max(fan_in, fan_out)
+        return g2 * fan_in / max(fan_in, fan_out), bias_var(0.0)
+    return g2 / 3.0, 1.0 / (3.0 * fan_in)  # torch_default: nn.Linear's U(+-1/sqrt(fan_in))
 
 
 def init_params(spec: NetSpec, scheme: str, seeds, scale: float | None = None,

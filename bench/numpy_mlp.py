@@ -15,159 +15,38 @@ import contextlib
 
 import numpy as np
 
-from bench.spec import BN_EPS, BN_MOMENTUM, LEAKY_SLOPE, NetSpec
-
-
-def phi(name: str, z: np.ndarray) -> np.ndarray:
-    if name == "sigmoid":
-        return 0.5 * (1.0 + np.tanh(0.5 * z))  # = 1/(1+e^-z) without overflow warnings for large -z
-    if name == "tanh":
-        return np.tanh(z)
-    if name == "relu":
-        return np.maximum(z, 0.0)
-    if name == "leaky_relu":
-        return np.where(z > 0, z, LEAKY_SLOPE * z)
-    if name == "softsign":
-        return z / (1.0 + np.abs(z))
-    if name == "identity":
-        return z
-    raise ValueError(name)
-
-
-def dphi(name: str, z: np.ndarray, h: np.ndarray) -> np.ndarray:
-    """phi'(z), from the cached input z and output h = phi(z), whichever is cheaper."""
-    if name == "sigmoid":
-        return h * (1.0 - h)
-    if name == "tanh":
-        return 1.0 - h * h
-    if name == "relu":
-        return (z > 0).astype(z.dtype)
-    if name == "leaky_relu":
-        return np.where(z > 0, 1.0, LEAKY_SLOPE).astype(z.dtype)
-    if name == "softsign":
-        return 1.0 / (1.0 + np.abs(z)) ** 2
-    raise ValueError(name)
-
-
-def _sigmoid(z):
-    t = z * 0.5
-    np.tanh(t, out=t)
-    t += 1.0
-    t *= 0.5  # = phi("sigmoid", z) bit for bit, with one temporary instead of three
-    return t
-
-
-def _tanh(z):
-    return np.tanh(z)
-
-
-def _dphi_sigmoid_times(grad, h):
-    t = 1.0 - h
-    t *= h
-    t *= grad  # = grad * (h * (1 - h)), the same roundings as grad * dphi("sigmoid", z, h)
-    return t
-
-
-def _dphi_tanh_times(grad, h):
-    t = h * h
-    np.subtract(1.0, t, out=t)
-    t *= grad
-    return t
-
-
-def phi_fn(name: str):
-    """phi as a one-argument function, looked up once per layer instead of once per call."""
-    return {"sigmoid": _sigmoid, "tanh": _tanh, "softmax": softmax}.get(name) or (lambda z: phi(name, z))
-
-
-def grad_times_dphi_fn(name: str):
-    """(grad, z, h) -> grad * phi'(z), in place where the activation allows it."""
-    if name == "sigmoid":
-        return lambda grad, z, h: _dphi_sigmoid_times(grad, h)
-    if name == "tanh":
-        return lambda grad, z, h: _dphi_tanh_times(grad, h)
-    return lambda grad, z, h: grad * dphi(name, z, h)
-
-
-DPHI_MAX = {"sigmoid": 0.25, "tanh": 1.0, "relu": 1.0, "leaky_relu": 1.0, "softsign": 1.0}
-SATURATED = 0.05  # a unit is saturated (or dead) where phi'(z) < 5% of the largest phi' can be
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(-1, keepdims=True))  # shift by the max: exp never overflows
-    return e / e.sum(-1, keepdims=True)
-
-
-def loss_value(loss: str, y: np.ndarray, d: np.ndarray, logits: np.ndarray) -> np.ndarray:
-    """Per-member loss (E,) of outputs y (logits z for softmax) against targets d, (E | 1, B, n_out)."""
-    if loss == "sse_half":  # 1986: 1/2 sum over cases AND outputs
-        return 0.5 * ((y - d) ** 2).sum((1, 2))
-    if loss == "mse":
-        return ((y - d) ** 2).mean((1, 2))
-    if loss == "cross_entropy":  # mean over cases of -log p(target), with a stable log-softmax
-        shifted = logits - logits.max(-1, keepdims=True)
-        log_p = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-        return -(d * log_p).sum(2).mean(1)
-    raise ValueError(loss)
-
-
-def loss_and_delta(loss: str, output: str, y: np.ndarray, d: np.ndarray, logits: np.ndarray):
-    """(loss_value, output_delta) with y - d computed once; the same roundings as the two functions."""
-    e = y - d
-    if loss == "sse_half":
-        losses = 0.5 * (e * e).sum((1, 2))
-    elif loss == "mse":
-        losses = (e * e).mean((1, 2))
-    else:
-        return loss_value(loss, y, d, logits), output_delta(loss, output, y, d)
-    if loss == "mse":
-        e *= 2.0 / (y.shape[1] * y.shape[2])
-    if output == "sigmoid":
-        t = 1.0 - y
-        t *= y
-        t *= e  # e * (y * (1 - y))
-        return losses, t
-    return losses, e
-
-
-def output_delta(loss: str, output: str, y: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """dLoss/dz for the output layer: loss derivative times the output non-linearity's."""
-    if loss == "cross_entropy":  # softmax + cross-entropy: the Jacobians cancel to (p - d)
-        return (y - d) / y.shape[1]
-    g = y - d if loss == "sse_half" else (2.0 / (y.shape[1] * y.shape[2])) * (y - d)
-    return g * (y * (1.0 - y)) if output == "sigmoid" else g
+from bench import losses
+from bench.activations import ACTIVATIONS, OUTPUTS
+from bench.spec import BN_EPS, BN_MOMENTUM, NetSpec
 
 
 class Layer:
-    """Layer i: z = a W + b (+ x D on the output layer with direct connections), then norm/phi.
+    """Layer i: z = a W + b (+ x D on the output layer with direct connections), then norm and phi.
 
-    The layer holds its parameter and gradient arrays directly (views into the network's flat
-    buffers, updated in place), so the hot loop does no dict lookups; gradients are written in place.
+    The layer holds its parameter and gradient arrays directly: views into the network's flat
+    buffers, which the optimizer updates in place, so the hot loop does no dict lookups.
     """
 
     def __init__(self, spec: NetSpec, i: int, params: dict, grads: dict, buffers: dict):
-        # params/grads/buffers are the network's dicts, shared: the optimizer updates params in place
-        self.i, self.p, self.buf, self.g, self.buffers = i, f"layers.{i}.", params, grads, buffers
-        self.hidden = i < spec.depth
-        self.act = spec.activation if self.hidden else spec.output
+        P = f"layers.{i}."
+        self.hidden, self.first = i < spec.depth, i == 0
+        self.act = ACTIVATIONS[spec.activation] if self.hidden else OUTPUTS[spec.output]
         self.bn = self.hidden and spec.norm == "batchnorm"
         self.residual = spec.is_residual(i)
         self.direct = not self.hidden and spec.direct
-        self.mask = spec.first_layer_mask() if i == 0 else None
-        self.phi = phi_fn(self.act)
-        self.grad_times_dphi = grad_times_dphi_fn(self.act) if self.hidden else None
-        P = self.p
-        self.W, self.gW = params[P + "weight"], grads[P + "weight"]
+        self.W, self.dW = params[P + "weight"], grads[P + "weight"]
         self.WT = self.W.transpose(0, 2, 1)  # a view: stays valid as W is updated in place
-        if self.mask is not None:
-            self.mask = self.mask.astype(self.W.dtype)
+        mask = spec.first_layer_mask() if self.first else None
+        self.mask = None if mask is None else mask.astype(self.W.dtype)
         if self.bn:
             self.gamma, self.beta = params[P + "gamma"], params[P + "beta"]
-            self.g_gamma, self.g_beta = grads[P + "gamma"], grads[P + "beta"]
+            self.dgamma, self.dbeta = grads[P + "gamma"], grads[P + "beta"]
+            self.running_mean, self.running_var = P + "running_mean", P + "running_var"
+            self.buffers = buffers  # the network's dict: reset_member and the twin read it by name
         else:
-            self.b, self.gb = params[P + "bias"], grads[P + "bias"]
+            self.b, self.db = params[P + "bias"], grads[P + "bias"]
         if self.direct:
-            self.D, self.gD = params[P + "direct"], grads[P + "direct"]
+            self.D, self.dD = params[P + "direct"], grads[P + "direct"]
 
     def forward(self, a: np.ndarray, x: np.ndarray, train: bool) -> np.ndarray:
         z = np.matmul(a, self.W)  # (E, B, fan_out)
@@ -178,54 +57,56 @@ class Layer:
         else:
             z += self.b
             n = z
-        h = self.phi(n)
+        h = self.act.phi(n, np)
         self.a_in, self.x, self.z, self.n, self.h = a, x, z, n, h
         return a + h if self.residual else h
 
     def _bn_forward(self, z, train):
-        P = self.p
+        buf = self.buffers
         if train:
             mu = z.mean(1, keepdims=True)  # (E, 1, w): statistics over the batch, per member
             var = z.var(1, keepdims=True)
-            B = z.shape[1]
-            m = BN_MOMENTUM
-            self.buffers[P + "running_mean"] = (1 - m) * self.buffers[P + "running_mean"] + m * mu
+            B, m = z.shape[1], BN_MOMENTUM
+            buf[self.running_mean] = (1 - m) * buf[self.running_mean] + m * mu
             # running variance uses the unbiased batch variance (torch's convention)
-            self.buffers[P + "running_var"] = (1 - m) * self.buffers[P + "running_var"] + m * var * B / (B - 1)
+            buf[self.running_var] = (1 - m) * buf[self.running_var] + m * var * B / (B - 1)
         else:
-            mu, var = self.buffers[P + "running_mean"], self.buffers[P + "running_var"]
+            mu, var = buf[self.running_mean], buf[self.running_var]
         self.inv_std = 1.0 / np.sqrt(var + BN_EPS)
         self.xhat = (z - mu) * self.inv_std
         return self.gamma * self.xhat + self.beta
 
-    def backward(self, grad: np.ndarray, need_input_grad: bool, delta_out: np.ndarray | None = None):
-        """grad = dLoss/d(layer output); returns dLoss/d(layer input). Output layer: pass delta_out."""
-        if delta_out is not None:
-            dn = delta_out
+    def backward(self, grad: np.ndarray | None, delta_out: np.ndarray | None = None) -> np.ndarray | None:
+        """The README's backward equations, one line each. grad = dLoss/da^l from the layer above
+        (hidden layers), or delta_out = dLoss/dz^L (the output layer). Fills this layer's parameter
+        gradients (written into the flat gradient buffer with out=) and returns dLoss/da^(l-1)."""
+        if self.hidden:
+            dn = grad * self.act.dphi(self.n, self.h, np)  # dn^l = grad * phi'(n^l)
         else:
-            dn = self.grad_times_dphi(grad, self.n, self.h)
+            dn = delta_out  # dn^L = delta_out
         if self.bn:
             xhat, B = self.xhat, dn.shape[1]
-            np.sum(dn * xhat, axis=1, keepdims=True, out=self.g_gamma)
-            np.sum(dn, axis=1, keepdims=True, out=self.g_beta)
-            dxhat = dn * self.gamma
-            # the usual batch-norm backward: mean and variance depend on every case in the batch
+            np.sum(dn * xhat, axis=1, keepdims=True, out=self.dgamma)  # dgamma = sum_B dn * xhat
+            np.sum(dn, axis=1, keepdims=True, out=self.dbeta)  # dbeta = sum_B dn
+            dxhat = dn * self.gamma  # dxhat = dn * gamma
+            # dz = inv_std / B * (B dxhat - sum_B dxhat - xhat * sum_B (dxhat * xhat)): the mean and
+            # variance depend on every case in the batch
             dz = self.inv_std / B * (B * dxhat - dxhat.sum(1, keepdims=True)
                                      - xhat * (dxhat * xhat).sum(1, keepdims=True))
         else:
-            dz = dn
-            np.sum(dz, axis=1, keepdims=True, out=self.gb)
-        self.delta = dz  # (E, B, fan_out)
-        np.matmul(self.a_in.transpose(0, 2, 1), dz, out=self.gW)  # (E, fan_in, fan_out)
+            dz = dn  # dz = dn
+            np.sum(dz, axis=1, keepdims=True, out=self.db)  # db = sum_B dz
+        self.delta = dz  # delta^l = dz^l, (E, B, fan_out)
+        np.matmul(self.a_in.transpose(0, 2, 1), dz, out=self.dW)  # dW = a^(l-1)^T dz, (E, fan_in, fan_out)
         if self.mask is not None:
-            self.gW *= self.mask  # weights outside the blocks do not exist: keep them at 0
+            self.dW *= self.mask  # weights outside the blocks do not exist: keep them at 0
         if self.direct:
-            np.matmul(self.x.transpose(0, 2, 1), dz, out=self.gD)
-        if not need_input_grad:
-            return None
-        grad_in = np.matmul(dz, self.WT)
+            np.matmul(self.x.transpose(0, 2, 1), dz, out=self.dD)  # dD = x^T dz^L
+        if self.first:
+            return None  # nothing below the first layer needs dLoss/dx
+        grad_in = np.matmul(dz, self.WT)  # dLoss/da^(l-1) = dz W^T
         if self.residual:
-            grad_in += grad
+            grad_in += grad  # + grad: the identity path of a residual block
         return grad_in
 
 
@@ -239,7 +120,7 @@ class NumpyMLP:
 
     def __init__(self, spec: NetSpec, params: dict[str, np.ndarray], loss: str):
         spec.check()
-        self.spec, self.loss = spec, loss
+        self.spec = spec
         self.names = [name for name, *_ in spec.params()]
         dtype = np.asarray(params[self.names[0]]).dtype
         sizes = [np.asarray(params[name]).size for name in self.names]
@@ -260,8 +141,11 @@ class NumpyMLP:
                 self.buffers[f"layers.{i}.running_mean"] = np.zeros((E, 1, w), dtype)
                 self.buffers[f"layers.{i}.running_var"] = np.ones((E, 1, w), dtype)
         self.layers = [Layer(spec, i, self.params, self.grads, self.buffers) for i in range(spec.n_layers)]
-        self.output_layer = self.layers[-1]
-        self.hidden_reversed = self.layers[-2::-1]
+        self.loss = losses.get(loss)
+        out = self.layers[-1].act
+        if out.dphi is None and self.loss.fused_output != out.name:
+            raise ValueError(f"output {out.name} pairs only with a loss that folds in its Jacobian "
+                             f"(cross_entropy), not {loss}")
 
     def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
         """Outputs (E, B, n_out) for inputs x (E | 1, B, n_in)."""
@@ -270,29 +154,25 @@ class NumpyMLP:
             a = layer.forward(a, x, train)
         return a
 
-    def loss_and_grads(self, x: np.ndarray, d: np.ndarray, record: bool = False):
+    def loss_and_grads(self, x: np.ndarray, d: np.ndarray):
         """One training forward and backward: returns (loss (E,), outputs (E, B, n_out))."""
         y = self.forward(x, train=True)
-        out = self.output_layer
-        losses, delta = loss_and_delta(self.loss, self.spec.output, y, d, out.n)
-        grad = out.backward(None, True, delta_out=delta)
-        last = self.hidden_reversed[-1]
-        for layer in self.hidden_reversed:
-            grad = layer.backward(grad, layer is not last)
-        return losses, y
+        out, loss = self.layers[-1], self.loss
+        delta_out = loss.dvalue(y, d)  # dLoss/dy, or dLoss/dz^L where the loss folds the output in
+        if loss.fused_output != out.act.name:
+            delta_out = delta_out * out.act.dphi(out.n, y, np)  # delta_out = dLoss/dy * out'(z^L)
+        grad = None
+        for layer in reversed(self.layers):
+            grad = layer.backward(grad, delta_out)
+        return loss.value(y, d, out.n, np), y
 
     def evaluate(self, x: np.ndarray, d: np.ndarray):
         """Evaluation-mode (running batch-norm statistics) loss (E,) and outputs."""
         y = self.forward(x, train=False)
-        return loss_value(self.loss, y, d, self.layers[-1].n), y
-
-    def layer_stats(self) -> dict[tuple[int, str], dict[str, np.ndarray]]:
-        """Per-layer statistics of the last `loss_and_grads`, each (E,): see `bench.record`."""
-        from bench.record import numpy_layer_stats
-
-        return numpy_layer_stats(self)
+        return self.loss.value(y, d, self.layers[-1].n, np), y
 
     # the few array operations the shared training loop needs, in this backend's types
+    xp = np
     asarray = staticmethod(np.asarray)
     to_numpy = staticmethod(np.asarray)
 

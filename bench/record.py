@@ -16,20 +16,32 @@ from __future__ import annotations
 
 import numpy as np
 
+from bench.activations import SATURATED
+
 PARAM_STATS = ("grad_norm", "grad_mean_abs", "weight_norm")
 LAYER_STATS = ("delta_norm", "act_mean", "act_std", "act_saturation")
 STATS = PARAM_STATS + LAYER_STATS
 
 
-def _row_layout(spec):
+def row_layout(spec):
     """(layer, kind) for every parameter, in order: the rows of one logged step for one member."""
     return [(layer, kind) for _, kind, layer, _ in spec.params()]
 
 
-def numpy_layer_stats(net) -> np.ndarray:
-    """Statistics of the last backward pass: (n_params, E, len(STATS)) float64."""
-    from bench.numpy_mlp import DPHI_MAX, SATURATED, dphi
+def layer_stats(net) -> np.ndarray:
+    """Statistics of the network's last training backward pass: (n_params, E, len(STATS)) float64."""
+    return numpy_layer_stats(net) if net.xp is np else torch_layer_stats(net)
 
+
+def _saturated(act, n, h, xp):
+    """Per unit and case: is phi'(n) below SATURATED of the largest slope? None where undefined."""
+    if act.dphi_max is None:
+        return None
+    return act.dphi(n, h, xp) < SATURATED * act.dphi_max
+
+
+def numpy_layer_stats(net) -> np.ndarray:
+    """The NumPy network's statistics, from its layers' caches and its flat gradient buffer."""
     spec = net.spec
     E = net.params[net.names[0]].shape[0]
     out = np.empty((len(net.names), E, len(STATS)))
@@ -38,33 +50,27 @@ def numpy_layer_stats(net) -> np.ndarray:
         h = layer.h.reshape(E, -1)
         delta = layer.delta.reshape(E, -1)
         n = h.shape[1]
-        if layer.act in DPHI_MAX:
-            below = dphi(layer.act, layer.n, layer.h) < SATURATED * DPHI_MAX[layer.act]
-            sat = np.count_nonzero(below.reshape(E, -1), axis=1) / n  # no float copy of the mask
-        else:
+        below = _saturated(layer.act, layer.n, layer.h, np)
+        if below is None:
             sat = np.full(E, np.nan)
+        else:
+            sat = np.count_nonzero(below.reshape(E, -1), axis=1) / n  # no float copy of the mask
         mean = h.mean(1)
         centred = h - mean[:, None]
         # two-pass variance as np.std, with the square-and-sum fused (no squared temporary)
         std = np.sqrt(np.vecdot(centred, centred) / n)
         per_layer[li + 1] = (np.sqrt(np.vecdot(delta, delta)), mean, std, sat)
     mask = spec.first_layer_mask()
-    layout = _row_layout(spec)
+    layout = row_layout(spec)
     count = np.array([mask.sum() if (layer == 1 and kind == "weight" and mask is not None)
                       else net.grads[name][0].size for name, (layer, kind) in zip(net.names, layout)], float)
-    flat_g, flat_w = getattr(net, "flat_grads", None), getattr(net, "flat_params", None)
-    if flat_g is not None:
-        # every parameter is a contiguous (E, n) block of the flat buffers: one reduceat per statistic
-        # sums all (parameter, member) segments at once instead of a few operations per parameter
-        starts = _segment_starts(net, E)
-        g2 = np.add.reduceat(flat_g * flat_g, starts).reshape(-1, E)  # (n_params, E)
-        g1 = np.add.reduceat(np.abs(flat_g), starts).reshape(-1, E)
-        w2 = np.add.reduceat(flat_w * flat_w, starts).reshape(-1, E)
-    else:
-        g2, g1, w2 = (np.stack([f(name) for name in net.names]) for f in (
-            lambda n: (lambda g: (g * g).sum(1))(net.grads[n].reshape(E, -1)),
-            lambda n: np.abs(net.grads[n].reshape(E, -1)).sum(1),
-            lambda n: (lambda w: (w * w).sum(1))(net.params[n].reshape(E, -1))))
+    flat_g, flat_w = net.flat_grads, net.flat_params
+    # every parameter is a contiguous (E, n) block of the flat buffers: one reduceat per statistic
+    # sums all (parameter, member) segments at once instead of a few operations per parameter
+    starts = _segment_starts(net, E)
+    g2 = np.add.reduceat(flat_g * flat_g, starts).reshape(-1, E)  # (n_params, E)
+    g1 = np.add.reduceat(np.abs(flat_g), starts).reshape(-1, E)
+    w2 = np.add.reduceat(flat_w * flat_w, starts).reshape(-1, E)
     out[:, :, 0] = np.sqrt(g2)
     out[:, :, 1] = g1 / count[:, None]
     out[:, :, 2] = np.sqrt(w2)
@@ -87,9 +93,6 @@ def torch_layer_stats(net) -> np.ndarray:
     """The same statistics as `numpy_layer_stats`, reduced on the tensors' device, one copy to host."""
     import torch
 
-    from bench.numpy_mlp import DPHI_MAX, SATURATED
-    from bench.torch_mlp import dphi
-
     spec = net.spec
     E = net.params[net.names[0]].shape[0]
     per_layer = {}
@@ -97,16 +100,16 @@ def torch_layer_stats(net) -> np.ndarray:
         for li, layer in enumerate(net.layers):
             h = layer.h.reshape(E, -1)
             delta = layer.z.grad.reshape(E, -1)
-            if layer.act in DPHI_MAX:
-                sat = (dphi(layer.act, layer.n, layer.h) < SATURATED * DPHI_MAX[layer.act]).reshape(E, -1)
-                sat = sat.to(h.dtype).mean(1)
-            else:
+            below = _saturated(layer.act, layer.n, layer.h, torch)
+            if below is None:
                 sat = torch.full((E,), float("nan"), dtype=h.dtype, device=h.device)
+            else:
+                sat = below.reshape(E, -1).to(h.dtype).mean(1)
             per_layer[li + 1] = torch.stack([(delta * delta).sum(1).sqrt(), h.mean(1),
                                              h.std(1, correction=0), sat], 1)
         mask = spec.first_layer_mask()
         rows = []
-        for name, (layer, kind) in zip(net.names, _row_layout(spec)):
+        for name, (layer, kind) in zip(net.names, row_layout(spec)):
             p = net.params[name]
             g, w = p.grad.reshape(E, -1), p.reshape(E, -1)
             count = float(mask.sum()) if (layer == 1 and kind == "weight" and mask is not None) else g.shape[1]
@@ -123,7 +126,7 @@ class Recorder:
     """
 
     def __init__(self, spec):
-        layout = _row_layout(spec)
+        layout = row_layout(spec)
         self.row_layer = np.array([layer for layer, _ in layout], np.int64)
         self.row_param = np.array([kind for _, kind in layout], dtype=object)
         self._steps: list[tuple[int, np.ndarray, dict[str, np.ndarray]]] = []

@@ -29,12 +29,11 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from bench import results
-from bench.config import ConfigError, _enum, estimate_bytes, register, validate
+from bench.config import CONF_DIR, SCHEMAS, ConfigError, _enum, estimate_bytes, register, unknown_key_message, validate
 from bench.init import init_params
 from bench.train import train
 
 log = logging.getLogger("bench")
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the repository's conf/ (install with pip -e)
 NON_SEMANTIC = ("report", "max_memory_gb")  # beyond results.SEMANTIC_EXCLUDE: launch-time settings
 
 
@@ -349,19 +348,12 @@ def _hydra_main() -> None:
     hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(task_function)()
 
 
-def _schemas_by_name() -> dict[str, type]:
-    from bench import config as c
-
-    return {k.__name__: k for k in (c.Config, c.ModelConfig, c.TrainConfig, c.LogConfig, *c.TASK_SCHEMAS.values())}
-
-
-_SCHEMAS_BY_NAME = _schemas_by_name()
+_SCHEMAS_BY_NAME = {schema.__name__: schema for schema in SCHEMAS}
 
 
 def one_line(e: BaseException) -> str:
     """The user-facing line for a config or input error: Hydra's and OmegaConf's are multi-line."""
     import dataclasses
-    import difflib
 
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
@@ -370,12 +362,7 @@ def one_line(e: BaseException) -> str:
         cause = cause.__cause__
     schema = _SCHEMAS_BY_NAME.get(getattr(cause, "object_type_str", None) or "")
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and schema is not None:
-        names = [f.name for f in dataclasses.fields(schema)]
-        key = cause.full_key or ""
-        prefix, _, leaf = key.rpartition(".")
-        close = difflib.get_close_matches(leaf, names, n=1)
-        hint = f"did you mean {prefix + '.' if prefix else ''}{close[0]}? " if close else ""
-        return f"error: unknown key {key}; {hint}valid keys there: {', '.join(names)}"
+        return "error: " + unknown_key_message(cause.full_key or "", [f.name for f in dataclasses.fields(schema)])
     if isinstance(cause, OmegaConfBaseException):
         msg = str(cause).splitlines()[0].strip()
         key = getattr(cause, "full_key", None)

@@ -11,11 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-ACTIVATIONS = ("sigmoid", "tanh", "relu", "softsign", "leaky_relu")
-OUTPUTS = ("sigmoid", "softmax", "identity")
-NORMS = ("none", "batchnorm")
-LOSSES = ("sse_half", "mse", "cross_entropy")
-LEAKY_SLOPE = 0.01  # leaky_relu: phi(z) = z for z > 0, 0.01 z otherwise
+from bench.activations import ACTIVATIONS, OUTPUTS
+
+NORMS = ("none", "batchnorm")  # batch norm's forward and backward are written out in each network
 BN_EPS = 1e-5  # batch norm: added to the batch variance before the square root (torch's default)
 BN_MOMENTUM = 0.1  # batch norm: running = (1 - m) running + m batch (torch's convention)
 
@@ -31,8 +29,8 @@ class NetSpec:
     n_in: int
     n_out: int
     widths: tuple[int, ...]  # hidden widths, input side first
-    activation: str = "sigmoid"
-    output: str = "sigmoid"
+    activation: str = "sigmoid"  # a key of bench.activations.ACTIVATIONS
+    output: str = "sigmoid"  # a key of bench.activations.OUTPUTS
     residual: bool = False
     norm: str = "none"
     direct: bool = False  # extra input->output weights (the PDP XOR 2-1-1 net)
@@ -107,17 +105,21 @@ class NetSpec:
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """How to train: 1986 SGD with momentum, dw(t) = -lr dE/dw + momentum dw(t-1)."""
+    """How to train: 1986 SGD with momentum, dw(t) = -lr dE/dw + momentum dw(t-1).
 
-    steps: int = 1000
-    lr: float = 0.1
+    The values a run gets come from the config (bench.config holds the defaults); the defaults here
+    only switch optional features off (no momentum, no schedule, no decay, full batch, float64 on cpu).
+    """
+
+    steps: int
+    lr: float
     momentum: float = 0.0
     momentum_initial: float | None = None  # momentum for the first `initial_steps` steps (None: momentum)
     initial_steps: int = 0
     lr_initial: float | None = None  # learning rate for the first `initial_steps` steps (None: lr)
     weight_decay: float = 0.0  # after each update every parameter is multiplied by (1 - weight_decay)
     batch_size: int | None = None  # None: full batch (a 1986 "sweep")
-    loss: str = "sse_half"
+    loss: str = "sse_half"  # a key of bench.losses.LOSSES
     log_every: int = 100  # statistics at steps 0, k, 2k, ... and always the last step
     dtype: str = "float64"
     device: str = "cpu"
@@ -131,6 +133,3 @@ class TrainSpec:
         if self.lr_initial is not None and step < self.initial_steps:
             return self.lr_initial
         return self.lr
-
-    def logged(self, step: int) -> bool:
-        return step % self.log_every == 0 or step == self.steps

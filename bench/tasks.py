@@ -12,8 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-TASKS = ("xor", "parity", "encoder", "symmetry", "family_trees", "digits", "teacher")
-
 
 @dataclass(frozen=True)
 class Task:
@@ -53,19 +51,20 @@ def xor() -> Task:
 
 
 def parity(bits: int = 4) -> Task:
+    """bits: input bits; all 2**bits patterns, target 1 for an odd number of 1s."""
     x = _bits(bits)
     y = (x.sum(1, keepdims=True) % 2 == 1).astype(float)
     return Task("parity", x, y, None, None, "sigmoid", "sse_half", "binary", solve_tol=0.4)
 
 
 def encoder(n: int = 8) -> Task:
-    """n one-hot patterns mapped to themselves through a narrow (log2 n) hidden layer."""
+    """n one-hot patterns mapped to themselves through a narrow (log2 n) hidden layer (set model.width)."""
     x = np.eye(n)
     return Task("encoder", x, x.copy(), None, None, "sigmoid", "sse_half", "binary", solve_tol=0.4)
 
 
 def symmetry(bits: int = 6) -> Task:
-    """Target 1 when the pattern is a mirror image of itself about its centre (8 of 64 for 6 bits)."""
+    """All 2**bits patterns; target 1 when one is a mirror image of itself (8 of 64 for 6 bits)."""
     x = _bits(bits)
     y = np.all(x == x[:, ::-1], axis=1, keepdims=True).astype(float)
     return Task("symmetry", x, y, None, None, "sigmoid", "sse_half", "binary", solve_tol=0.4)
@@ -125,7 +124,10 @@ def family_triples() -> list[tuple[str, str, frozenset[str]]]:
 
 
 def family_trees(n_test: int = 4, split_seed: int = 0) -> Task:
-    """Person (24 one-hot) and relation (12 one-hot) in, the 24 people who answer out, 100/4 split."""
+    """Person (24 one-hot) and relation (12 one-hot) in, the 24 people who answer out.
+
+    n_test: held-out triples (1986: 4 of 104); split_seed: which ones.
+    """
     people = [p for p, *_ in _ENGLISH + _ITALIAN]
     triples = family_triples()
     x = np.zeros((len(triples), len(people) + len(RELATIONS)))
@@ -142,7 +144,10 @@ def family_trees(n_test: int = 4, split_seed: int = 0) -> Task:
 
 
 def digits(test_fraction: float = 0.2, split_seed: int = 0) -> Task:
-    """scikit-learn's bundled 8x8 digits (1,797 images), standardised with training statistics."""
+    """scikit-learn's bundled 8x8 digits (1,797 images), standardised with training statistics.
+
+    test_fraction: held-out share of the images; split_seed: which ones.
+    """
     from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
 
     data = load_digits()
@@ -160,7 +165,12 @@ def digits(test_fraction: float = 0.2, split_seed: int = 0) -> Task:
 
 def teacher(n_in: int = 16, n_out: int = 1, n_train: int = 1024, n_test: int = 256,
             teacher_depth: int = 3, teacher_width: int = 32, data_seed: int = 0) -> Task:
-    """Regression on the outputs of a random deep tanh network (N(0, 1/fan_in) weights)."""
+    """Regression on the outputs of a random deep tanh network (N(0, 2/fan_in) weights).
+
+    n_in / n_out: input and output size of student and teacher; n_train / n_test: cases;
+    teacher_depth / teacher_width: hidden layers of the teacher; data_seed fixes the teacher and the
+    inputs, independent of the student's seed.
+    """
     rng = np.random.default_rng(data_seed)
     x = rng.standard_normal((n_train + n_test, n_in))
     a = x
@@ -172,15 +182,16 @@ def teacher(n_in: int = 16, n_out: int = 1, n_train: int = 1024, n_test: int = 2
                 "regression")
 
 
-_MAKERS = {"xor": xor, "parity": parity, "encoder": encoder, "symmetry": symmetry,
+# a task is a function here (its keyword defaults are the config's defaults) and an entry in MAKERS
+MAKERS = {"xor": xor, "parity": parity, "encoder": encoder, "symmetry": symmetry,
            "family_trees": family_trees, "digits": digits, "teacher": teacher}
 
 
 def make_task(name: str, **params) -> Task:
     """Build a task by name; `params` are the task's own options (e.g. parity's `bits`)."""
-    if name not in _MAKERS:
-        raise ValueError(f"task={name!r} is not a task; valid choices: {', '.join(TASKS)}")
-    return _MAKERS[name](**params)
+    if name not in MAKERS:
+        raise ValueError(f"task={name!r} is not a task; valid choices: {', '.join(MAKERS)}")
+    return MAKERS[name](**params)
 
 
 def correct(task: Task, y: np.ndarray, d: np.ndarray) -> np.ndarray:

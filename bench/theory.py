@@ -25,70 +25,34 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 from numpy.polynomial.legendre import leggauss
 from scipy.optimize import brentq
-from scipy.special import expit
 
-from bench.spec import LEAKY_SLOPE  # leaky_relu's negative slope, as the networks
+from bench import activations
+from bench.activations import ACTIVATIONS, LINEAR, Activation
+from bench.init import init_variances  # noqa: F401  (the variances beside the draws they describe)
 
 GL_NODES = 32  # Gauss-Legendre nodes per panel in gauss_expect: ~1e-14 relative for q up to 1e4
 Z_MAX = 10.0  # integrate z over [-10, 10]: P(|z| > 10) = 1.5e-23, below float64 for bounded integrands
-
-
-@dataclass(frozen=True)
-class Activation:
-    name: str
-    phi: Callable[[np.ndarray], np.ndarray]
-    dphi: Callable[[np.ndarray], np.ndarray]
-    # Piecewise-linear, positively homogeneous phi (slopes a_+ for x > 0, a_- for x < 0) has
-    # E[phi(sqrt(q) z)^2] = c q and E[phi'(sqrt(q) z)^2] = c with c = (a_+^2 + a_-^2) / 2: no
-    # quadrature, an affine length map, and closed forms for q* and the critical sw2.
-    homogeneous_c: float | None = None
-    # phi(0) = 0, phi'(0) = 1, |phi(x)| <= |x| (tanh, softsign): with sb2 = 0 the length map lies below
-    # q -> sw2 q, so q* = 0 for sw2 <= 1; at sw2 = 1 iterates reach it only like 1/l, so we say it.
-    odd_unit_slope: bool = False
-
-
-def _sigmoid_prime(x):
-    s = expit(x)
-    return s * (1.0 - s)
-
-
-def _tanh_prime(x):
-    t = np.tanh(x)
-    return 1.0 - t * t  # not 1/cosh^2: cosh overflows for |x| > 710, 1 - t^2 only loses ~1e-16 absolute
-
-
-ACTIVATIONS: dict[str, Activation] = {
-    a.name: a
-    for a in (
-        Activation("sigmoid", expit, _sigmoid_prime),
-        Activation("tanh", np.tanh, _tanh_prime, odd_unit_slope=True),
-        # phi'(0) := 0 for relu and := LEAKY_SLOPE for leaky_relu, as torch; a set of measure zero
-        Activation("relu", lambda x: np.maximum(x, 0.0), lambda x: np.where(x > 0, 1.0, 0.0), 0.5),
-        Activation("softsign", lambda x: x / (1.0 + np.abs(x)), lambda x: (1.0 + np.abs(x)) ** -2.0,
-                   odd_unit_slope=True),
-        Activation("leaky_relu", lambda x: np.where(x > 0, x, LEAKY_SLOPE * x),
-                   lambda x: np.where(x > 0, 1.0, LEAKY_SLOPE), (1.0 + LEAKY_SLOPE**2) / 2.0),
-        Activation("linear", lambda x: np.asarray(x, dtype=np.float64), np.ones_like, 1.0),
-    )
-}
+# Every activation a network can use, and the linear network; each entry's phi, phi' and closed-form
+# constants come from bench.activations. At sw2 = 1 tanh/softsign iterates reach q* = 0 only like 1/l.
+COVERED: dict[str, Activation] = {**ACTIVATIONS, LINEAR.name: LINEAR}
 
 
 def get_activation(activation) -> Activation:
     """Look up an activation by name (or a str-valued Enum from the config, or an Activation)."""
-    if isinstance(activation, Activation):
-        return activation
-    name = getattr(activation, "value", activation)
-    try:
-        return ACTIVATIONS[name]
-    except (KeyError, TypeError):
-        valid = ", ".join(ACTIVATIONS)
-        raise ValueError(f"unknown activation {activation!r}; valid choices: {valid}") from None
+    return activations.get(activation, COVERED)
+
+
+def _phi(act: Activation, x):
+    return act.phi(x, np)
+
+
+def _dphi(act: Activation, x):
+    return act.dphi(x, act.phi(x, np), np)
 
 
 def _check_nonneg(**values) -> None:
@@ -139,13 +103,13 @@ def gauss_expect(f: Callable[[np.ndarray], np.ndarray], q: float, n: int = GL_NO
 def _mean_phi2(act: Activation, q: float) -> float:
     if act.homogeneous_c is not None:
         return act.homogeneous_c * q
-    return gauss_expect(lambda x: act.phi(x) ** 2, q)
+    return gauss_expect(lambda x: _phi(act, x) ** 2, q)
 
 
 def _mean_dphi2(act: Activation, q: float) -> float:
     if act.homogeneous_c is not None:
         return act.homogeneous_c
-    return gauss_expect(lambda x: act.dphi(x) ** 2, q)
+    return gauss_expect(lambda x: _dphi(act, x) ** 2, q)
 
 
 def length_map(q: float, activation, sw2: float, sb2: float) -> float:
@@ -237,58 +201,6 @@ def predicted_delta_profile(activation, sw2: float, sb2: float, depth: int, q0: 
     profile = np.ones(depth)
     profile[:-1] = np.cumprod(ratios[::-1])[::-1]
     return profile
-
-
-# bench.init's schemes, in its order; tests check both lists and the variances of its actual draws
-INIT_SCHEMES = ("uniform", "normal", "nielsen", "xavier", "he", "torch_default", "orthogonal",
-                "meanfield")
-
-
-def init_variances(scheme, fan_in: int, scale: float | None = None, bias_scale: float | None = None,
-                   fan_out: int | None = None) -> tuple[float, float]:
-    """(sw2, sb2) = (fan_in Var(W_ij), Var(b_i)) of a layer drawn by bench.init with these arguments.
-
-    scheme         draws (g = scale, default 1)                    sw2                         sb2
-    uniform        W, b ~ U(+-r), r = scale (0.3)                  r^2 fan_in / 3              r_b^2 / 3
-    normal         W, b ~ N(0, s^2), s = scale (1)                 s^2 fan_in                  s_b^2
-    nielsen        W ~ N(0, g^2/fan_in), b ~ N(0, s_b^2), s_b=1    g^2                         s_b^2
-    meanfield      W ~ N(0, g^2/fan_in), b ~ N(0, s_b^2), s_b=0    g^2                         s_b^2
-    xavier         W ~ U(+-g sqrt(6/(fan_in+fan_out)))             2 g^2 fan_in/(fan_in+fan_out)
-    he             W ~ N(0, 2 g^2/fan_in)                          2 g^2
-    orthogonal     W = g Q, Q with orthonormal rows or columns     g^2 fan_in/max(fan_in,fan_out)
-    torch_default  W ~ g U(+-1/sqrt(fan_in)), b ~ U(same bound)    g^2 / 3                     1/(3fan_in)
-
-    bias_scale sets r_b (uniform) or s_b, defaulting to r and s; xavier, he and orthogonal have b = 0 or
-    N(0, bias_scale^2); torch_default ignores bias_scale, as bench.init does. fan_out defaults to fan_in.
-    """
-    name = getattr(scheme, "value", scheme)
-    if name not in INIT_SCHEMES:
-        raise ValueError(f"unknown init scheme {scheme!r}; valid choices: {', '.join(INIT_SCHEMES)}")
-    if not fan_in >= 1:
-        raise ValueError(f"fan_in must be >= 1, got {fan_in!r}")
-    fan_out = fan_in if fan_out is None else fan_out
-    g2 = 1.0 if scale is None else scale**2
-
-    def bias_var(default_std: float) -> float:
-        return (default_std if bias_scale is None else bias_scale) ** 2
-
-    if name == "uniform":  # Var U(+-r) = r^2 / 3
-        r = 0.3 if scale is None else scale  # the 1986 symmetry net's range
-        return r * r * fan_in / 3.0, bias_var(r) / 3.0
-    if name == "normal":
-        s = 1.0 if scale is None else scale  # N(0, 1): Nielsen's text
-        return s * s * fan_in, bias_var(s)
-    if name == "nielsen":
-        return g2, bias_var(1.0)
-    if name == "meanfield":
-        return g2, bias_var(0.0)
-    if name == "xavier":
-        return 2.0 * g2 * fan_in / (fan_in + fan_out), bias_var(0.0)
-    if name == "he":
-        return 2.0 * g2, bias_var(0.0)
-    if name == "orthogonal":  # unit-norm columns (fan_in >= fan_out) or rows: Var = 1/max(fan_in, fan_out)
-        return g2 * fan_in / max(fan_in, fan_out), bias_var(0.0)
-    return g2 / 3.0, 1.0 / (3.0 * fan_in)  # torch_default: nn.Linear's U(+-1/sqrt(fan_in))
 
 
 def critical_sw2(activation, sb2: float, sw2_max: float = 1e4) -> float:

@@ -13,50 +13,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.spec import BN_EPS, BN_MOMENTUM, LEAKY_SLOPE, NetSpec
-
-_PHI = {
-    "sigmoid": torch.sigmoid,
-    "tanh": torch.tanh,
-    "relu": torch.relu,
-    "leaky_relu": lambda z: nn.functional.leaky_relu(z, LEAKY_SLOPE),
-    "softsign": nn.functional.softsign,
-    "identity": lambda z: z,
-    "softmax": lambda z: torch.softmax(z, -1),
-}
-
-
-def dphi(name: str, n: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """phi'(n) for the saturation statistic (never used for gradients: autograd does those)."""
-    if name == "sigmoid":
-        return h * (1 - h)
-    if name == "tanh":
-        return 1 - h * h
-    if name == "relu":
-        return (n > 0).to(n.dtype)
-    if name == "leaky_relu":
-        return torch.where(n > 0, 1.0, LEAKY_SLOPE).to(n.dtype)
-    if name == "softsign":
-        return 1 / (1 + n.abs()) ** 2
-    raise ValueError(name)
-
-
-def loss_value(loss: str, y: torch.Tensor, d: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Per-member loss (E,); the same definitions as the NumPy network's."""
-    if loss == "sse_half":
-        return 0.5 * ((y - d) ** 2).sum((1, 2))
-    if loss == "mse":
-        return ((y - d) ** 2).mean((1, 2))
-    if loss == "cross_entropy":
-        return -(d * torch.log_softmax(logits, -1)).sum(2).mean(1)
-    raise ValueError(loss)
+from bench import losses
+from bench.activations import ACTIVATIONS, OUTPUTS
+from bench.spec import BN_EPS, BN_MOMENTUM, NetSpec
 
 
 class TorchLayer(nn.Module):
     def __init__(self, spec: NetSpec, i: int, arrays: dict[str, torch.Tensor]):
         super().__init__()
         self.hidden = i < spec.depth
-        self.act = spec.activation if self.hidden else spec.output
+        self.act = ACTIVATIONS[spec.activation] if self.hidden else OUTPUTS[spec.output]
         self.bn = self.hidden and spec.norm == "batchnorm"
         self.residual = spec.is_residual(i)
         for kind in ("weight", "gamma", "beta", "bias", "direct"):  # NetSpec.params() order
@@ -73,7 +39,7 @@ class TorchLayer(nn.Module):
             # weights outside the blocks do not exist: their gradient is held at 0
             self.weight.register_hook(lambda g: g * self.mask)
 
-    def forward(self, a: torch.Tensor, x: torch.Tensor, train: bool, record: bool) -> torch.Tensor:
+    def forward(self, a: torch.Tensor, x: torch.Tensor, train: bool) -> torch.Tensor:
         z = torch.matmul(a, self.weight)  # (E, B, fan_out)
         if hasattr(self, "direct"):
             z = z + torch.matmul(x, self.direct)
@@ -91,9 +57,9 @@ class TorchLayer(nn.Module):
         else:
             z = z + self.bias
             n = z
-        if record and z.requires_grad:
+        if z.requires_grad:
             z.retain_grad()  # for the delta statistic, dLoss/dz
-        h = _PHI[self.act](n)
+        h = self.act.phi(n, torch)  # autograd differentiates phi itself
         self.z, self.n, self.h = z, n, h
         return a + h if self.residual else h
 
@@ -103,7 +69,7 @@ class TorchMLP(nn.Module):
                  dtype: str = "float64", device: str = "cpu"):
         super().__init__()
         spec.check()
-        self.spec, self.loss = spec, loss
+        self.spec, self.loss = spec, losses.get(loss)
         self.torch_dtype, self.device = getattr(torch, dtype), torch.device(device)
         self.names = [name for name, *_ in spec.params()]
         per_layer: list[dict] = [{} for _ in range(spec.n_layers)]
@@ -132,18 +98,18 @@ class TorchMLP(nn.Module):
             if name in buffers:
                 b.copy_(self.asarray(buffers[name]))
 
-    def forward(self, x: torch.Tensor, train: bool = True, record: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, train: bool = True) -> torch.Tensor:
         a = x
         for layer in self.layers:
-            a = layer(a, x, train, record)
+            a = layer(a, x, train)
         return a
 
-    def loss_and_grads(self, x: torch.Tensor, d: torch.Tensor, record: bool = False):
+    def loss_and_grads(self, x: torch.Tensor, d: torch.Tensor):
         """One training forward and backward: (loss (E,), outputs (E, B, n_out)), grads in `grads`."""
         for p in self.params.values():
             p.grad = None
-        y = self.forward(x, train=True, record=record)
-        losses = loss_value(self.loss, y, d, self.layers[-1].n)
+        y = self.forward(x, train=True)
+        losses = self.loss.value(y, d, self.layers[-1].n, torch)
         # members are independent, so the gradient of the sum is each member's own gradient
         losses.sum().backward()
         return losses.detach(), y.detach()
@@ -155,12 +121,9 @@ class TorchMLP(nn.Module):
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, d: torch.Tensor):
         y = self.forward(x, train=False)
-        return loss_value(self.loss, y, d, self.layers[-1].n), y
+        return self.loss.value(y, d, self.layers[-1].n, torch), y
 
-    def layer_stats(self):
-        from bench.record import torch_layer_stats
-
-        return torch_layer_stats(self)
+    xp = torch
 
     def no_grad(self):
         return torch.no_grad()

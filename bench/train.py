@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bench.record import Recorder
+from bench.record import Recorder, layer_stats
 from bench.spec import NetSpec, TrainSpec
 from bench.tasks import Task, correct
 
@@ -47,27 +47,20 @@ def make_network(backend: str, spec: NetSpec, params: dict[str, np.ndarray], tra
 class SGD:
     """Momentum SGD in the 1986 form; one velocity array per parameter, same type as the parameter.
 
-    Three ways to apply the same update, fastest first: over the NumPy network's flat buffers (all
-    parameters at once), with torch's multi-tensor `_foreach` ops, or parameter by parameter.
-    The arithmetic is the same in all three: v = momentum v - lr g; p += v; p *= 1 - weight_decay.
+    v = momentum v - lr g; p += v; p *= 1 - weight_decay, applied in one of two ways: over the NumPy
+    network's flat buffers (all parameters at once) or with torch's multi-tensor `_foreach` ops.
     """
 
-    def __init__(self, params: dict, flat_params=None, flat_grads=None):
-        self.flat = flat_params is not None
+    def __init__(self, net):
+        self.flat = net.xp is np
         if self.flat:  # velocities as views of one flat buffer laid out like the parameters
-            self.flat_p, self.flat_g = flat_params, flat_grads
-            self.flat_v, self.tmp = np.zeros_like(flat_params), np.empty_like(flat_params)
-            self.velocity = {k: self.flat_v[_offset(flat_params, p):][:p.size].reshape(p.shape)
-                             for k, p in params.items()}
+            self.flat_p, self.flat_g = net.flat_params, net.flat_grads
+            self.flat_v, self.tmp = np.zeros_like(self.flat_p), np.empty_like(self.flat_p)
+            self.velocity = {k: self.flat_v[_offset(self.flat_p, p):][:p.size].reshape(p.shape)
+                             for k, p in net.params.items()}
         else:
-            self.velocity = {k: p * 0 for k, p in params.items()}
-        self.torch = not self.flat and any(type(p).__module__.startswith("torch") for p in params.values())
-        if self.torch:
-            self.p_list, self.v_list = list(params.values()), [self.velocity[k] for k in params]
-
-    @classmethod
-    def for_net(cls, net) -> "SGD":
-        return cls(net.params, getattr(net, "flat_params", None), getattr(net, "flat_grads", None))
+            self.velocity = {k: p.detach() * 0 for k, p in net.params.items()}
+            self.p_list, self.v_list = list(net.params.values()), list(self.velocity.values())
 
     def step(self, params: dict, grads: dict, lr: float, momentum: float, weight_decay: float) -> None:
         if self.flat:
@@ -79,24 +72,15 @@ class SGD:
             if weight_decay:
                 self.flat_p *= 1.0 - weight_decay
             return
-        if self.torch:
-            import torch
+        import torch
 
-            with torch.no_grad():
-                g_list = [grads[k] for k in params]
-                torch._foreach_mul_(self.v_list, momentum)
-                torch._foreach_sub_(self.v_list, torch._foreach_mul(g_list, lr))
-                torch._foreach_add_(self.p_list, self.v_list)
-                if weight_decay:
-                    torch._foreach_mul_(self.p_list, 1.0 - weight_decay)
-            return
-        for k, p in params.items():
-            v = self.velocity[k]
-            v *= momentum
-            v -= lr * grads[k]
-            p += v
+        with torch.no_grad():
+            g_list = [grads[k] for k in params]
+            torch._foreach_mul_(self.v_list, momentum)
+            torch._foreach_sub_(self.v_list, torch._foreach_mul(g_list, lr))
+            torch._foreach_add_(self.p_list, self.v_list)
             if weight_decay:
-                p *= 1.0 - weight_decay
+                torch._foreach_mul_(self.p_list, 1.0 - weight_decay)
 
     def reset_member(self, k: int, grads: dict) -> None:
         for name, v in self.velocity.items():
@@ -191,7 +175,7 @@ class LoggedMetrics:
         """(metrics {name: (E,) float64}, per-layer statistics) right after a training backward pass."""
         to_numpy, task = self.to_numpy, self.task
         # statistics first: the evaluation forwards below overwrite the layers' caches
-        stats = net.layer_stats() if self.record else None
+        stats = layer_stats(net) if self.record else None
         metrics = {"batch_loss": batch_loss}
         if self.reuse:
             metrics["loss"], y_train = batch_loss, y
@@ -224,7 +208,7 @@ def train(task: Task, spec: NetSpec, tspec: TrainSpec, params: dict[str, np.ndar
     data = LoggedMetrics(net, task, spec, tspec, record)
     batches = Batches(task.x_train, task.y_train, tspec.batch_size, seeds)
     track_solved = task.kind == "binary" and batches.full  # sweeps to solution, checked every sweep
-    opt = SGD.for_net(net)
+    opt = SGD(net)
     rec = Recorder(spec)
     alive = np.ones(E, bool)
     diverged = np.full(E, -1, np.int64)
@@ -245,13 +229,13 @@ def train(task: Task, spec: NetSpec, tspec: TrainSpec, params: dict[str, np.ndar
     last = {}
     with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
         for t in range(last_step + 1):
-            logged = t % logged_every == 0 or t == last_step  # = tspec.logged(t)
+            logged = t % logged_every == 0 or t == last_step
             idx = batches.indices(t)
             xb, yb = data.batch(idx)
             if logged and lockstep is not None:
                 # the twin must start from the buffers this step's training forward is about to update
                 buffers_before = {k: v.copy() for k, v in net.buffers.items()}
-            losses, y = loss_and_grads(xb, yb, record=logged and record)
+            losses, y = loss_and_grads(xb, yb)
             loss_np = to_numpy(losses)
             if loss_np.dtype != np.float64:
                 loss_np = loss_np.astype(np.float64)

@@ -24,7 +24,7 @@ import sys
 import numpy as np
 import pandas as pd
 
-from bench.record import STATS
+from bench.record import STATS, row_layout
 from bench.spec import NetSpec, TrainSpec
 from bench.tasks import Task
 from bench.train import LoggedMetrics, make_network, train
@@ -57,13 +57,13 @@ class Lockstep:
     def __init__(self, task: Task, spec: NetSpec, tspec: TrainSpec, params: dict[str, np.ndarray]):
         self.twin = make_network("torch", spec, params, tspec)
         self.data = LoggedMetrics(self.twin, task, spec, tspec, record=True)
-        self.layout = [(layer, kind) for _, kind, layer, _ in spec.params()]
+        self.layout = row_layout(spec)
         self.rows: list[dict] = []
 
     def __call__(self, step, net, buffers_before, idx, alive, metrics, stats) -> None:
         twin = self.twin
         twin.load_state(net.params, buffers_before)
-        losses, y = twin.loss_and_grads(*self.data.batch(idx), record=True)
+        losses, y = twin.loss_and_grads(*self.data.batch(idx))
         metrics_t, stats_t = self.data.measure(twin, twin.to_numpy(losses).astype(np.float64), y)
         for q, v in metrics.items():
             self._add(step, q, rel_diff(q, v[alive], metrics_t[q][alive]), None)

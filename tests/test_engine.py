@@ -7,10 +7,11 @@ import itertools
 import numpy as np
 import pytest
 
+from bench.activations import ACTIVATIONS
 from bench.init import SCHEMES, init_params
 from bench.numpy_mlp import NumpyMLP
 from bench.record import STATS
-from bench.spec import ACTIVATIONS, NetSpec, TrainSpec
+from bench.spec import NetSpec, TrainSpec
 from bench.tasks import Task, make_task
 from bench.train import train
 

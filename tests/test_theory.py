@@ -10,6 +10,8 @@ import pytest
 from scipy.integrate import quad
 
 from bench import theory
+from bench.activations import ACTIVATIONS, LEAKY_SLOPE
+from bench.init import SCHEMES
 
 SMOOTH = ("sigmoid", "tanh", "softsign")  # the activations whose expectations need quadrature
 
@@ -30,34 +32,34 @@ def _quad_expect(f, q):
 
 # --- activations and quadrature -------------------------------------------------------------
 
-@pytest.mark.parametrize("name", list(theory.ACTIVATIONS))
+def _phi(act, x):
+    return act.phi(x, np)
+
+
+def _dphi(act, x):
+    return act.dphi(x, act.phi(x, np), np)
+
+
+@pytest.mark.parametrize("name", list(theory.COVERED))
 def test_dphi_is_derivative_of_phi(name):
     act = theory.get_activation(name)
     x = np.concatenate([np.linspace(-6.0, -0.1, 60), np.linspace(0.1, 6.0, 60)])  # clear of kinks at 0
     eps = 1e-6
-    numeric = (act.phi(x + eps) - act.phi(x - eps)) / (2.0 * eps)
+    numeric = (_phi(act, x + eps) - _phi(act, x - eps)) / (2.0 * eps)
     # central difference: truncation O(eps^2 phi''') ~ 1e-12, rounding O(1e-16 / eps) ~ 1e-10
-    np.testing.assert_allclose(act.dphi(x), numeric, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(_dphi(act, x), numeric, rtol=0, atol=1e-8)
 
 
-def test_activations_match_the_networks():
-    from bench import numpy_mlp, spec
-
-    z = np.linspace(-30.0, 30.0, 601)  # includes 0, where relu's phi' convention matters
-    for name in spec.ACTIVATIONS:  # every activation a network can use has a prediction
-        act = theory.get_activation(name)
-        h = numpy_mlp.phi(name, z)
-        np.testing.assert_allclose(act.phi(z), h, rtol=1e-14, atol=1e-15, err_msg=name)
-        # the networks compute tanh' as 1 - h^2 and sigmoid' as h (1 - h): rounding ~1e-16 absolute
-        np.testing.assert_allclose(act.dphi(z), numpy_mlp.dphi(name, z, h), rtol=1e-12, atol=1e-15,
-                                   err_msg=name)
+def test_theory_reads_the_networks_activations():
+    for name, act in ACTIVATIONS.items():  # every activation a network can use has a prediction ...
+        assert theory.get_activation(name) is act, name  # ... from the very entry the networks use
 
 
 @pytest.mark.parametrize("name", SMOOTH)
 @pytest.mark.parametrize("q", [1e-3, 0.5, 2.0, 10.0, 100.0])
 def test_gauss_expect_matches_scipy_quad(name, q):
     act = theory.get_activation(name)
-    for label, f in (("phi^2", lambda x: act.phi(x) ** 2), ("phi'^2", lambda x: act.dphi(x) ** 2)):
+    for label, f in (("phi^2", lambda x: _phi(act, x) ** 2), ("phi'^2", lambda x: _dphi(act, x) ** 2)):
         # both sides are converged to ~1e-14; 1e-10 leaves room for quad's own error estimate
         assert theory.gauss_expect(f, q) == pytest.approx(_quad_expect(f, q), rel=1e-10), label
 
@@ -68,9 +70,9 @@ def test_exact_forms_agree_with_quadrature(name, q):
     act = theory.get_activation(name)
     # the rule has a panel edge at 0, so the kink costs nothing: agreement to rounding
     assert theory.length_map(q, name, 1.0, 0.0) == pytest.approx(
-        theory.gauss_expect(lambda x: act.phi(x) ** 2, q), rel=1e-12)
+        theory.gauss_expect(lambda x: _phi(act, x) ** 2, q), rel=1e-12)
     assert theory.chi1(name, 1.0, 0.0, q) == pytest.approx(
-        theory.gauss_expect(lambda x: act.dphi(x) ** 2, q), rel=1e-12)
+        theory.gauss_expect(lambda x: _dphi(act, x) ** 2, q), rel=1e-12)
 
 
 # --- known values ---------------------------------------------------------------------------
@@ -78,7 +80,7 @@ def test_exact_forms_agree_with_quadrature(name, q):
 @pytest.mark.parametrize("sw2", [0.5, 1.0, 2.0, 3.0])
 @pytest.mark.parametrize("sb2", [0.0, 0.1])
 def test_chi1_closed_forms(sw2, sb2):
-    a = theory.LEAKY_SLOPE
+    a = LEAKY_SLOPE
     for q in (None, 0.3, 5.0):  # piecewise-linear phi: chi1 does not depend on q
         assert theory.chi1("relu", sw2, sb2, q) == pytest.approx(sw2 / 2.0, rel=1e-15)
         assert theory.chi1("leaky_relu", sw2, sb2, q) == pytest.approx(sw2 * (1 + a * a) / 2, rel=1e-15)
@@ -101,7 +103,7 @@ def test_critical_sw2():
     assert theory.chi1("tanh", sw2, 0.05) == pytest.approx(1.0, abs=1e-9)
     assert theory.critical_sw2("relu", 0.0) == 2.0
     assert theory.critical_sw2("relu", 0.3) == 2.0
-    assert theory.critical_sw2("leaky_relu", 0.0) == pytest.approx(2.0 / (1 + theory.LEAKY_SLOPE**2))
+    assert theory.critical_sw2("leaky_relu", 0.0) == pytest.approx(2.0 / (1 + LEAKY_SLOPE**2))
     assert theory.critical_sw2("linear", 0.1) == 1.0
     assert theory.critical_sw2("tanh", 0.0) == 1.0
     # bias moves the edge of chaos to larger weight variance (Poole et al. fig. 1)
@@ -172,12 +174,11 @@ def test_init_variances():
     assert theory.init_variances("orthogonal", 64, scale=2.0) == pytest.approx((4.0, 0.0))
 
 
-@pytest.mark.parametrize("scheme", theory.INIT_SCHEMES)
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_init_variances_match_bench_init_draws(scheme):
-    from bench.init import SCHEMES, init_params
+    from bench.init import init_params
     from bench.spec import NetSpec
 
-    assert theory.INIT_SCHEMES == SCHEMES
     spec = NetSpec(n_in=200, n_out=50, widths=(1000,))  # fan_in < fan_out, then fan_in > fan_out
     params = init_params(spec, scheme, seeds=[0])
     for i in range(spec.n_layers):
@@ -213,10 +214,10 @@ def test_bad_names_list_valid_choices():
                  lambda: theory.critical_sw2("gelu", 0.0)):
         with pytest.raises(ValueError) as err:
             call()
-        assert all(name in str(err.value) for name in theory.ACTIVATIONS)
+        assert all(name in str(err.value) for name in theory.COVERED)
     with pytest.raises(ValueError) as err:
         theory.init_variances("kaiming", 10)
-    assert all(name in str(err.value) for name in theory.INIT_SCHEMES)
+    assert all(name in str(err.value) for name in SCHEMES)
     assert theory.chi1(_Act.TANH, 1.0, 0.1) == theory.chi1("tanh", 1.0, 0.1)
 
 
@@ -263,14 +264,14 @@ def _simulate(activation, sw2, sb2, q0, seed=0):
         h = [np.random.default_rng(input_seed).standard_normal((BATCH, WIDTH)) * math.sqrt(q0)]
         biases = np.random.default_rng(bias_seed).standard_normal((DEPTH + 1, WIDTH)) * math.sqrt(sb2)
         for layer in range(1, DEPTH + 1):
-            h.append(act.phi(h[-1]) @ W[layer].T + biases[layer])  # (BATCH, WIDTH)
+            h.append(_phi(act, h[-1]) @ W[layer].T + biases[layer])  # (BATCH, WIDTH)
         q_hat += [np.mean(h_l * h_l) / NETS for h_l in h]
         # a random delta at the top, as if from an output layer, then
         # delta^l = phi'(h^l) * (W^(l+1)^T delta^(l+1)), written for row vectors
-        delta = act.dphi(h[DEPTH]) * np.random.default_rng(top_seed).standard_normal((BATCH, WIDTH))
+        delta = _dphi(act, h[DEPTH]) * np.random.default_rng(top_seed).standard_normal((BATCH, WIDTH))
         delta_sq[DEPTH] += np.sum(delta * delta)
         for layer in range(DEPTH - 1, 0, -1):
-            delta = act.dphi(h[layer]) * (delta @ W[layer + 1])
+            delta = _dphi(act, h[layer]) * (delta @ W[layer + 1])
             delta_sq[layer] += np.sum(delta * delta)
     return q_hat, delta_sq
 

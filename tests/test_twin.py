@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 from conftest import ROOT, compose_cfg
 
-import bench.numpy_mlp as numpy_mlp
 from bench import twin
+from bench.activations import ACTIVATIONS
 from bench.init import init_params
 from bench.numpy_mlp import NumpyMLP
 from bench.spec import NetSpec, TrainSpec
@@ -44,12 +45,13 @@ def test_lockstep_agrees_at_every_logged_step_where_free_running_twins_part():
 def test_lockstep_catches_a_wrong_derivative(monkeypatch):
     spec, tspec = _deep_bn(depth=3, activation="tanh", norm="none", steps=10)
     params = init_params(spec, "xavier", [0])
-    real = numpy_mlp.dphi
+    real = ACTIVATIONS["tanh"]
 
-    def off_by_a_little(name, z, h):  # tanh' with a 1e-6 relative error: a subtle hand-derivation slip
-        return real(name, z, h) * (1 + 1e-6)
+    def off_by_a_little(z, h, xp):  # tanh' with a 1e-6 relative error: a subtle hand-derivation slip
+        return real.dphi(z, h, xp) * (1 + 1e-6)
 
-    monkeypatch.setattr(numpy_mlp, "grad_times_dphi_fn", lambda name: lambda g, z, h: g * off_by_a_little(name, z, h))
+    # the NumPy backward reads phi' from the registry entry; torch differentiates phi and is unaffected
+    monkeypatch.setitem(ACTIVATIONS, "tanh", dataclasses.replace(real, dphi=off_by_a_little))
     table = twin.lockstep(DIGITS, spec, tspec, params, [0])
     first = table[table["step"] == 0].set_index("quantity")["max_rel_diff"]
     assert first["grad_norm"] > 1e-7  # the slip shows up in the very first step's gradients

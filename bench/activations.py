@@ -1,0 +1,84 @@
+"""Non-linearities: one entry per activation holds everything the code needs to know about it.
+
+An entry is an object with `phi(z, xp)`, `dphi(z, h, xp)` and `dphi_max`, where `xp` is the array
+module (`numpy` or `torch`), so one definition serves both networks:
+
+  NumPy network   h = phi(n, np) forward; dn = grad * dphi(n, h, np) in the hand-written backward
+  torch twin      h = phi(n, torch); autograd differentiates phi itself (dphi is not used for gradients)
+  saturation      a unit is saturated (or dead) where dphi < SATURATED * dphi_max  (bench.record)
+  mean-field      E[phi(sqrt(q) z)^2], E[phi'(sqrt(q) z)^2] and the closed forms below (bench.theory)
+  config          the choices of `model.activation` are the keys of ACTIVATIONS (bench.config)
+
+`dphi` gets both the input z and the output h = phi(z), and uses whichever is cheaper (sigmoid
+h (1 - h), tanh 1 - h^2). Adding a built-in activation is one entry in ACTIVATIONS; tests/test_engine.py
+then checks its backward against finite differences and torch, tests/test_theory.py its mean-field maps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+LEAKY_SLOPE = 0.01  # leaky_relu: phi(z) = z for z > 0, 0.01 z otherwise (torch's default slope)
+SATURATED = 0.05  # a unit is saturated (or dead) where phi'(z) < 5% of the largest phi' can be
+
+
+@dataclass(frozen=True)
+class Activation:
+    name: str
+    phi: Callable  # phi(z, xp) -> h, elementwise, in z's dtype
+    dphi: Callable | None  # dphi(z, h, xp) -> phi'(z); None where it is not elementwise (softmax)
+    dphi_max: float | None  # the largest slope phi' reaches; None: no saturation statistic (NaN)
+    # Mean-field theory (bench.theory). Piecewise-linear, positively homogeneous phi (slopes a_+ for
+    # x > 0, a_- for x < 0) has E[phi(sqrt(q) z)^2] = c q and E[phi'(sqrt(q) z)^2] = c with
+    # c = (a_+^2 + a_-^2) / 2: no quadrature, an affine length map, closed forms for q* and critical sw2.
+    homogeneous_c: float | None = None
+    # phi(0) = 0, phi'(0) = 1, |phi(x)| <= |x| (tanh, softsign): with sb2 = 0 the length map lies below
+    # q -> sw2 q, so q* = 0 for sw2 <= 1.
+    odd_unit_slope: bool = False
+
+
+def _relu(z, xp):
+    return z * (z > 0)  # not maximum(z, 0): autograd then gives phi'(0) = 0 as torch.relu, NaN stays NaN
+
+
+def _softmax(z, xp):
+    e = xp.exp(z - xp.amax(z, -1, keepdims=True))  # shift by the max: exp never overflows
+    return e / e.sum(-1, keepdims=True)
+
+
+ACTIVATIONS: dict[str, Activation] = {a.name: a for a in (
+    # 1/(1+e^-z) written through tanh: no overflow warning for large -z
+    Activation("sigmoid", lambda z, xp: 0.5 * (1.0 + xp.tanh(0.5 * z)), lambda z, h, xp: h * (1.0 - h), 0.25),
+    Activation("tanh", lambda z, xp: xp.tanh(z), lambda z, h, xp: 1.0 - h * h, 1.0, odd_unit_slope=True),
+    # phi'(0) := 0 for relu and := LEAKY_SLOPE for leaky_relu, as torch; a set of measure zero
+    Activation("relu", _relu, lambda z, h, xp: xp.where(z > 0, xp.ones_like(z), 0.0), 1.0, homogeneous_c=0.5),
+    Activation("softsign", lambda z, xp: z / (1.0 + abs(z)), lambda z, h, xp: 1.0 / (1.0 + abs(z)) ** 2,
+               1.0, odd_unit_slope=True),
+    Activation("leaky_relu", lambda z, xp: xp.where(z > 0, z, LEAKY_SLOPE * z),
+               lambda z, h, xp: xp.where(z > 0, xp.ones_like(z), LEAKY_SLOPE), 1.0,
+               homogeneous_c=(1.0 + LEAKY_SLOPE**2) / 2.0),
+)}
+
+# Output non-linearities. Sigmoid outputs are the sigmoid above (with a saturation statistic); softmax
+# and identity have none (dphi_max None: the statistic is NaN there). Softmax's Jacobian is not
+# elementwise: it is folded into the cross-entropy delta (bench.losses), the only loss it pairs with.
+OUTPUTS: dict[str, Activation] = {
+    "sigmoid": ACTIVATIONS["sigmoid"],
+    "softmax": Activation("softmax", _softmax, None, None),
+    "identity": Activation("identity", lambda z, xp: z, lambda z, h, xp: xp.ones_like(z), None),
+}
+
+# Theory also covers the linear network (phi(x) = x), the reference point of the homogeneous family.
+LINEAR = Activation("linear", lambda z, xp: 1.0 * z, lambda z, h, xp: xp.ones_like(z), 1.0, homogeneous_c=1.0)
+
+
+def get(name: str, table: dict[str, Activation] = ACTIVATIONS) -> Activation:
+    """The entry for `name` (an Activation passes through); ValueError naming the valid choices."""
+    if isinstance(name, Activation):
+        return name
+    name = getattr(name, "value", name)  # a str-valued Enum from the config
+    try:
+        return table[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown activation {name!r}; valid choices: {', '.join(table)}") from None
