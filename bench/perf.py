@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import platform
 import shutil
@@ -274,50 +275,24 @@ def p3(s: Suite):
 
 # ---------------------------------------------------------------------------------------------- P4
 
-def _rel_close(a, b, rtol):
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    both_nan = np.isnan(a) & np.isnan(b)
-    return bool(np.all(both_nan | (np.abs(a - b) <= rtol * np.maximum(np.abs(a), np.abs(b)))))
-
-
-def ensemble_vs_solo(backend, E, steps, seed=0):
-    """(ensemble seconds, solo-loop seconds, worst member mismatch, members checked) for symmetry 6-2-1."""
-    task = make_task("symmetry")
-    spec = NetSpec(6, 1, (2,), "sigmoid", "sigmoid")
-    tspec = TrainSpec(steps=steps, lr=0.1, momentum=0.9, log_every=max(1, steps // 10))
-    seeds = list(range(seed, seed + E))
+def _train_seconds(task, spec, tspec, backend, seeds) -> float:
+    params = init_params(spec, "uniform", seeds)
     t0 = time.perf_counter()
-    ens = train(task, spec, tspec, init_params(spec, "uniform", seeds), backend, seeds)
-    t_ens = time.perf_counter() - t0
-    t_solo, bad = 0.0, []
-    for k, sd in enumerate(seeds):
-        p = init_params(spec, "uniform", [sd])
-        t0 = time.perf_counter()
-        solo = train(task, spec, tspec, p, backend, [sd])
-        t_solo += time.perf_counter() - t0
-        m, ms = ens.layers["member"] == k, ens.steps["member"] == k
-        same = (_rel_close(ens.steps["loss"][ms], solo.steps["loss"], 1e-12)
-                and all(_rel_close(ens.layers[c][m], solo.layers[c], 1e-12)
-                        for c in ("grad_norm", "delta_norm", "weight_norm", "act_mean"))
-                and all(_rel_close(ens.params[n][k], solo.params[n][0], 1e-12) for n in solo.params)
-                and ens.solved_step[k] == solo.solved_step[0])
-        if not same:
-            bad.append(k)
-    return t_ens, t_solo, bad
+    train(task, spec, tspec, params, backend, seeds)
+    return time.perf_counter() - t0
 
 
 def largest_ensemble(task, spec, tspec, fraction=0.7):
-    """Members that fit in `fraction` of MemAvailable: by bench.config.estimate_bytes, and measured."""
+    """Members that fit in `fraction` of available memory: by bench.config.estimate_bytes, and measured."""
     import tracemalloc
 
-    from bench.config import estimate_bytes
+    from bench.config import available_memory_bytes, estimate_bytes
 
-    with open("/proc/meminfo") as f:
-        avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    avail = available_memory_bytes()
     per_member_est = estimate_bytes(spec, tspec, task, 1)
     sizes = (1000, 4000)
     peaks = []
-    short = TrainSpec(**{**tspec.__dict__, "steps": 3, "log_every": 1})
+    short = dataclasses.replace(tspec, steps=3, log_every=1)
     for E in sizes:
         tracemalloc.start()
         train(task, spec, short, init_params(spec, "uniform", range(E)), "numpy", list(range(E)))
@@ -329,38 +304,27 @@ def largest_ensemble(task, spec, tspec, fraction=0.7):
 
 
 def p4(s: Suite):
+    """An E-seed ensemble against E solo runs (that members equal solo runs is tests/test_perf.py's job)."""
     E, steps = (10, 200) if s.quick else (100, 2000)
+    task_name, spec = TINY["symmetry 6-2-1"]
+    task = make_task(task_name)
+    tspec = TrainSpec(steps=steps, lr=0.1, momentum=0.9, log_every=max(1, steps // 10))
+    seeds = list(range(E))
     for backend in ("numpy", "torch"):
         with torch_threads(1):
             # the solo loop is E runs already; the ensemble is timed over `repeats` runs (median)
-            t_ens, t_solo, bad = ensemble_vs_solo(backend, E, steps)
-            t_ens_all = [t_ens] + [_time_ensemble(backend, E, steps) for _ in range(max(0, s.repeats - 1))]
-        speed = t_solo / np.median(t_ens_all)
-        s.add("P4", f"symmetry 6-2-1 x{E} seeds, {steps} sweeps, ensemble", backend, "wall", np.median(t_ens_all),
-              "s", t_ens_all, ratio=speed, target=f"ensemble >= 30x faster than {E} solo runs",
+            t_solo = sum(_train_seconds(task, spec, tspec, backend, [seed]) for seed in seeds)
+            t_ens = [_train_seconds(task, spec, tspec, backend, seeds) for _ in range(s.repeats)]
+        speed = t_solo / np.median(t_ens)
+        s.add("P4", f"symmetry 6-2-1 x{E} seeds, {steps} sweeps, ensemble", backend, "wall", np.median(t_ens),
+              "s", t_ens, ratio=speed, target=f"ensemble >= 30x faster than {E} solo runs",
               met=speed >= 30, note="ratio = solo loop / ensemble; 1 thread")
         s.add("P4", f"symmetry 6-2-1 {E} solo runs", backend, "wall", t_solo, "s", [t_solo])
-        s.add("P4", "members == solo runs (float64)", backend, "members differing", len(bad), "members",
-              ratio=None, target="0 members beyond 1e-12 relative", met=not bad,
-              note=f"{E} members: loss, layer stats, final params, solved step")
-    task = make_task("symmetry")
-    spec = NetSpec(6, 1, (2,), "sigmoid", "sigmoid")
-    avail, est, meas, e_est, e_meas = largest_ensemble(task, spec, TrainSpec(steps=steps, lr=0.1, momentum=0.9))
+    avail, est, meas, e_est, e_meas = largest_ensemble(task, spec, tspec)
     s.add("P4", "largest ensemble (estimate_bytes)", "numpy", "members", e_est, "members",
-          note=f"70% of MemAvailable {avail / 2**30:.1f} GiB / {est:.0f} B per member (bench.config.estimate_bytes)")
+          note=f"70% of available {avail / 2**30:.1f} GiB / {est:.0f} B per member (bench.config.estimate_bytes)")
     s.add("P4", "largest ensemble (measured peak)", "numpy", "members", e_meas, "members",
           note=f"tracemalloc peak slope {meas:.0f} B per member (E=1000 vs 4000), same 70% budget")
-
-
-def _time_ensemble(backend, E, steps):
-    task = make_task("symmetry")
-    spec = NetSpec(6, 1, (2,), "sigmoid", "sigmoid")
-    tspec = TrainSpec(steps=steps, lr=0.1, momentum=0.9, log_every=max(1, steps // 10))
-    seeds = list(range(E))
-    params = init_params(spec, "uniform", seeds)
-    t0 = time.perf_counter()
-    train(task, spec, tspec, params, backend, seeds)
-    return time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------------------------------- P5
@@ -440,16 +404,13 @@ def _runs_and_steps(run_ids):
 
 
 def p6(s: Suite):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from bench import results
 
     n_total = 200_000 if s.quick else 10_000_000
     n_jobs = 4 if s.quick else 10
     tmp = Path(tempfile.mkdtemp(prefix="vgbench-perf-p6-"))
     try:
-        exp, exp32 = tmp / "f64", tmp / "f32"
+        exp = tmp / "f64"
         t_write = 0.0
         for j in range(n_jobs):
             cols = synthetic_layers(n_total // n_jobs, 100, seed=j, job=j)
@@ -457,35 +418,20 @@ def p6(s: Suite):
             t0 = time.perf_counter()
             results.write_job(exp, f"job{j:04d}", runs, steps, cols)
             t_write += time.perf_counter() - t0
-            # the proposal: the same rows with statistics stored as float32 (written directly here)
-            table = pa.table({"job_id": [f"job{j:04d}"] * len(cols["step"]), **cols})
-            table = table.cast(pa.schema([pa.field(f.name, pa.float32() if pa.types.is_floating(f.type) else f.type)
-                                          for f in table.schema]))
-            (exp32 / "layers").mkdir(parents=True, exist_ok=True)
-            pq.write_table(table, exp32 / "layers" / f"job{j:04d}.parquet", compression="zstd",
-                           use_dictionary=["run_id", "job_id", "param", "step", "layer"],
-                           use_byte_stream_split=[f.name for f in table.schema if pa.types.is_floating(f.type)])
         size = sum(p.stat().st_size for p in (exp / "layers").glob("*.parquet"))
-        size32 = sum(p.stat().st_size for p in (exp32 / "layers").glob("*.parquet"))
-        loaded = len(results.load(exp).layers)
-        if loaded != n_total:
-            raise RuntimeError(f"P6: load() returned {loaded} of {n_total} layer rows")
         times = interleaved({"pd.read_parquet": lambda: pd.read_parquet(exp / "layers"),
-                             "bench.results.load": lambda: results.load(exp),
-                             "float32 pd.read_parquet": lambda: pd.read_parquet(exp32 / "layers")},
+                             "bench.results.load": lambda: results.load(exp)},
                             max(1, min(s.repeats, 3)), warmup=False)
         n = n_total
         tag = f"{n / 1e6:g}M rows"
         s.add("P6", f"write_job {tag} ({n_jobs} jobs)", "pandas", "wall", t_write, "s", [t_write])
         for k, v in times.items():
-            target, met = ("<= 3 s for 10M rows", np.median(v) * 1e7 / n <= 3) if "float32" not in k else ("", None)
-            s.add("P6", f"{k} {tag}", "pandas", "wall", np.median(v), "s", v, target=target, met=met,
-                  ratio=np.median(v) * 1e7 / n / 3, note="ratio = time scaled to 10M rows / 3 s")
+            s.add("P6", f"{k} {tag}", "pandas", "wall", np.median(v), "s", v, target="<= 3 s for 10M rows",
+                  met=np.median(v) * 1e7 / n <= 3, ratio=np.median(v) * 1e7 / n / 3,
+                  note="ratio = time scaled to 10M rows / 3 s")
         s.add("P6", f"layers on disk {tag}, float64 (current schema)", "pandas", "bytes/row", size / n, "B/row",
               ratio=size / n / 8, target="<= 8 B/row", met=size / n <= 8,
               note="random lognormal statistics: near-incompressible 7 x 8 B")
-        s.add("P6", f"layers on disk {tag}, float32 statistics (proposal)", "pandas", "bytes/row", size32 / n,
-              "B/row", ratio=size32 / n / 8, note="same rows, statistics cast to float32")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -521,21 +467,11 @@ def run_suite(cases=None, quick=False, repeats=None, out_dir=None) -> pd.DataFra
 
 
 def to_markdown(df: pd.DataFrame) -> str:
+    from analysis.report import md_table  # the report's table writer: one markdown format
+
     cols = ["case", "variant", "backend", "metric", "value", "unit", "repeats", "iqr", "ratio", "target",
             "met", "note"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, r in df.iterrows():
-        cells = []
-        for c in cols:
-            v = r[c]
-            if isinstance(v, float):
-                cells.append("" if np.isnan(v) else f"{v:.4g}")
-            elif v is pd.NA or v is None:
-                cells.append("")
-            else:
-                cells.append(str(v))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return md_table(df[cols].astype(object).where(df[cols].notna(), ""))
 
 
 def main(argv=None) -> None:

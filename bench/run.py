@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import os
 import shutil
 import subprocess
@@ -29,7 +28,17 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from bench import results
-from bench.config import CONF_DIR, SCHEMAS, ConfigError, _enum, estimate_bytes, register, unknown_key_message, validate
+from bench.config import (
+    CONF_DIR,
+    SCHEMAS,
+    ConfigError,
+    _enum,
+    available_memory_bytes,
+    estimate_bytes,
+    register,
+    unknown_key_message,
+    validate,
+)
 from bench.init import init_params
 from bench.train import train
 
@@ -85,12 +94,7 @@ def semantic_config(cfg: DictConfig, net, tspec) -> dict[str, Any]:
 def _memory_limit_bytes(cfg: DictConfig) -> float:
     if cfg.max_memory_gb is not None:
         return cfg.max_memory_gb * 2**30
-    try:  # 70% of what the OS says is available now
-        with open("/proc/meminfo") as f:
-            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
-        return 0.7 * avail
-    except (OSError, StopIteration):
-        return math.inf
+    return 0.7 * available_memory_bytes()  # 70% of what the OS says is available now
 
 
 def _size(n: float) -> str:

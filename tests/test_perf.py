@@ -25,9 +25,6 @@ def test_quick_suite_writes_its_table(tmp_path):
     targeted = back[back["target"] != ""]
     assert targeted["met"].notna().all()
     assert np.isfinite(back.loc[back["metric"] != "skipped", "value"]).all()
-    # the ensembles' members matched their solo runs in the suite itself
-    members = back[back["metric"] == "members differing"]
-    assert len(members) == 2 and (members["value"] == 0).all()
 
 
 def test_unknown_case_is_named():

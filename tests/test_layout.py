@@ -1,0 +1,154 @@
+"""The codebase's shape: imports flow one way, each default is set once, each activation is one entry."""
+
+from __future__ import annotations
+
+import ast
+import graphlib
+import re
+
+import numpy as np
+import pytest
+import yaml
+from conftest import ROOT, compose_cfg
+from omegaconf import OmegaConf
+
+# Every module of bench/ and analysis/, lowest layer first. A module may import only modules of lower
+# layers (at module level or inside a function): data flows conf -> config -> task/spec -> network ->
+# trainer -> recorder -> results -> analysis, and the harness on top drives it. A new module gets a
+# layer here, which is the point: where it sits is a decision, not an accident.
+LAYERS = [
+    {"bench", "analysis"},  # package docstrings
+    {"bench.activations", "bench.losses"},  # the registries: one entry per activation / loss
+    {"bench.spec", "bench.tasks", "bench.results"},  # engine descriptions, data, the results schema
+    {"bench.init", "bench.record"},  # initial arrays; per-layer statistics (read the registries only)
+    {"bench.theory", "bench.numpy_mlp", "bench.torch_mlp"},  # mean-field predictions; the two networks
+    {"bench.train"},  # the loop shared by both networks
+    {"bench.config"},  # the typed schema and its checks -> task and engine specs
+    {"analysis.figures", "analysis.tables"},  # results -> figures and tables
+    {"analysis.report"},
+    {"bench.cli", "bench.sweep"},  # one-line CLI errors; the Hydra sweep callback (writes the report)
+    {"bench.run", "bench.perf"},  # run(cfg) and @hydra.main; the speed suite
+    {"bench.twin"},  # the lockstep check: composes a config and trains both networks
+]
+RANK = {module: rank for rank, layer in enumerate(LAYERS) for module in layer}
+
+
+def _modules() -> dict[str, ast.Module]:
+    out = {}
+    for package in ("bench", "analysis"):
+        for path in sorted((ROOT / package).glob("*.py")):
+            name = package if path.stem == "__init__" else f"{package}.{path.stem}"
+            out[name] = ast.parse(path.read_text(), str(path))
+    return out
+
+
+def _imports(tree: ast.Module, known: set[str]) -> set[str]:
+    """Every bench/analysis module imported anywhere in the tree, function bodies included."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            # `from bench import results` imports the module bench.results
+            names = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
+        else:
+            continue
+        for name in names:
+            while name and name not in known:
+                name = name.rpartition(".")[0]
+            if name:
+                found.add(name)
+    return found
+
+
+def test_imports_are_acyclic_and_flow_down_the_layers():
+    modules = _modules()
+    assert set(modules) == set(RANK), f"give each module a layer in LAYERS: {set(modules) ^ set(RANK)}"
+    graph = {m: _imports(tree, set(modules)) - {m} for m, tree in modules.items()}
+    graphlib.TopologicalSorter(graph).static_order()  # raises CycleError naming the cycle
+    upward = [(m, dep) for m, deps in graph.items() for dep in deps if RANK[dep] >= RANK[m]]
+    assert not upward, f"imports of a module in the same or a higher layer: {upward}"
+
+
+# --- defaults -------------------------------------------------------------------------------------
+def _readme_defaults() -> dict[str, object]:
+    """The README's defaults table: | `key` | `value` | why |, under the heading '## Defaults'."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Defaults", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([\w.]+)` \| `([^`]*)` \|", section, re.MULTILINE)
+    return {key: yaml.safe_load(value) for key, value in rows}
+
+
+def _leaves(node, prefix=""):
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def test_default_config_is_the_documented_one():
+    documented = _readme_defaults()
+    cfg = OmegaConf.to_container(compose_cfg(), resolve=True, enum_to_str=True)
+    cfg.pop("progress")  # compose_cfg sets progress=none for tests; the schema's default is checked below
+    composed = dict(_leaves({k: v for k, v in cfg.items() if k != "task"}))
+    composed["task"] = cfg["task"]["name"]  # the task group; each task's options are its maker's defaults
+    assert documented.pop("progress") == "auto"
+    assert composed == documented
+
+
+def test_yaml_group_files_hold_no_values():
+    """Values live in the schema (bench/config.py); a value here would be a second, competing home."""
+    for path in [*(ROOT / "conf").glob("model/*.yaml"), *(ROOT / "conf").glob("train/*.yaml"),
+                 *(ROOT / "conf").glob("task/*.yaml")]:
+        assert set(yaml.safe_load(path.read_text())) == {"defaults"}, path
+    assert set(yaml.safe_load((ROOT / "conf" / "config.yaml").read_text())) == {"defaults", "hydra"}
+
+
+def test_task_options_are_the_task_functions_defaults():
+    import inspect
+
+    from bench.config import TASK_SCHEMAS
+    from bench.tasks import MAKERS
+
+    for name, maker in MAKERS.items():
+        cfg = compose_cfg([f"task={name}"])
+        options = {k: v for k, v in OmegaConf.to_container(cfg.task).items() if k != "name"}
+        assert options == {p.name: p.default for p in inspect.signature(maker).parameters.values()}, name
+        assert cfg.task.name == name and TASK_SCHEMAS[name]().name == name
+
+
+# --- the activation registry: one entry serves NumPy, torch and theory ----------------------------
+@pytest.mark.parametrize("name", ["sigmoid", "tanh", "relu", "softsign", "leaky_relu"])
+def test_activation_entry_serves_both_array_modules(name):
+    torch = pytest.importorskip("torch")
+    from bench.activations import ACTIVATIONS
+
+    act = ACTIVATIONS[name]
+    z = np.concatenate([np.linspace(-30.0, 30.0, 601), [-1e-300, 1e-300]])  # 0 included: relu's kink
+    zt = torch.tensor(z, requires_grad=True)
+    h, ht = act.phi(z, np), act.phi(zt, torch)
+    # the same float64 formula in both modules: equal but for each library's tanh (<= 1 ulp, ~1e-16
+    # absolute; sigmoid's 1 + tanh(z/2) turns that into a large relative error far out, hence atol)
+    np.testing.assert_allclose(ht.detach().numpy(), h, rtol=1e-15, atol=1e-15, err_msg=name)
+    ht.sum().backward()  # what the torch twin uses: autograd through phi
+    # the NumPy backward's phi' (from z and h) against autograd's: rounding only (1 - h^2 vs
+    # autograd's own tanh' formula), and both give phi'(0) = 0 for relu as torch.relu does
+    np.testing.assert_allclose(act.dphi(z, h, np), zt.grad.numpy(), rtol=1e-12, atol=1e-15, err_msg=name)
+    assert act.dphi(z, h, np).max() == pytest.approx(act.dphi_max, rel=1e-9), name  # its largest slope
+    for dtype in (np.float32, np.float64):  # phi and phi' keep the network's dtype
+        z32 = z.astype(dtype)
+        assert act.phi(z32, np).dtype == dtype and act.dphi(z32, act.phi(z32, np), np).dtype == dtype, name
+
+
+def test_config_choices_are_the_registries():
+    from bench import config
+    from bench.activations import ACTIVATIONS
+    from bench.init import SCHEMES
+    from bench.losses import LOSSES
+    from bench.spec import NORMS
+
+    assert [e.value for e in config.ActivationName] == list(ACTIVATIONS)
+    assert [e.value for e in config.Init] == list(SCHEMES)
+    assert [e.value for e in config.Norm] == list(NORMS)
+    assert [e.value for e in config.LossName] == ["auto", *LOSSES]
