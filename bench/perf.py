@@ -190,33 +190,23 @@ def _wide_task(width, batch, seed=0):
 def bare_matmul_loop(backend, width, depth, batch, dtype, device="cpu"):
     """One step's matmuls with no network around them: per layer a W, a^T dz and dz W^T (3 GEMMs)."""
     n_layers = depth + 1
-    if backend == "numpy":
-        rng = np.random.default_rng(0)
-        a = rng.standard_normal((batch, width)).astype(dtype)
-        W = rng.standard_normal((width, width)).astype(dtype)
-        z, gW, gin = np.empty_like(a), np.empty_like(W), np.empty_like(a)
+    rng = np.random.default_rng(0)
+    a, W = rng.standard_normal((batch, width)).astype(dtype), rng.standard_normal((width, width)).astype(dtype)
+    xp, sync = np, None
+    if backend == "torch":
+        import torch
 
-        def step():
-            for _ in range(n_layers):
-                np.matmul(a, W, out=z)
-                np.matmul(a.T, z, out=gW)
-                np.matmul(z, W.T, out=gin)
-        return step
-    import torch
-
-    dt = getattr(torch, dtype)
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(batch, width, generator=g, dtype=dt).to(device)
-    W = torch.randn(width, width, generator=g, dtype=dt).to(device)
-    z, gW, gin = torch.empty_like(a), torch.empty_like(W), torch.empty_like(a)
+        xp, a, W = torch, torch.as_tensor(a, device=device), torch.as_tensor(W, device=device)
+        sync = torch.cuda.synchronize if device == "cuda" else None
+    z, gW, gin = xp.empty_like(a), xp.empty_like(W), xp.empty_like(a)
 
     def step():
         for _ in range(n_layers):
-            torch.mm(a, W, out=z)
-            torch.mm(a.T, z, out=gW)
-            torch.mm(z, W.T, out=gin)
-        if device == "cuda":
-            torch.cuda.synchronize()
+            xp.matmul(a, W, out=z)
+            xp.matmul(a.T, z, out=gW)
+            xp.matmul(z, W.T, out=gin)
+        if sync is not None:
+            sync()
     return step
 
 
