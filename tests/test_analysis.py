@@ -176,26 +176,108 @@ def test_twin_agreement(tmp_path):
     _saves(fig, tmp_path)
 
 
-def test_sweeps_to_solution_and_table(tmp_path):
+# ------------------------------------------------------------------------------ time to solve (Kaplan-Meier)
+def test_km_without_censoring_is_the_empirical_distribution():
+    rng = np.random.default_rng(3)
+    for n in (7, 40, 101):  # odd and even: KM's median is the lower median, numpy's inverted_cdf
+        t = rng.integers(10, 5000, n).astype(float)
+        km = T.km_summary(t, cap=10_000)
+        assert km["seeds"] == km["solved"] == n and km["solved_fraction"] == pytest.approx(1.0)
+        for key, p in (("median", 0.5), ("q25", 0.25), ("q75", 0.75)):
+            assert km[key] == np.quantile(t, p, method="inverted_cdf"), (n, key)
+        assert km["median_ci_low"] <= km["median"] <= km["median_ci_high"]
+
+
+def test_km_hand_computed_with_censoring_in_the_middle():
+    # events at 1, 2, 3, 5; one run censored at 4 (its own cap), two at 10. At risk 7, 6, 5, then 3 after
+    # the censoring at 4: S = 6/7, 5/7, 4/7, then 4/7 * 2/3 = 8/21 at 5, so F(5) = 13/21 = 0.619.
+    km = T.km_summary([1, 2, 3, None, 5, np.nan, np.nan], cap=[10, 10, 10, 4, 10, 10, 10])
+    assert km["solved"] == 4 and km["seeds"] == 7 and km["cap"] == 10
+    assert km["solved_fraction"] == pytest.approx(13 / 21, abs=1e-12)  # exact arithmetic, float rounding only
+    assert km["median"] == 5 and km["q25"] == 2  # F(2) = 2/7 >= 0.25, F(3) = 3/7 < 0.5 <= F(5)
+    assert np.isnan(km["q75"])  # F never reaches 0.75 within the cap
+    # the raw median over solved seeds only would be 2.5: the bias this estimate exists to remove
+    assert km["median"] != np.median([1, 2, 3, 5])
+
+
+def test_km_heavy_censoring_is_not_reached():
+    t = [100, 200, 300] + [np.nan] * 7
+    km = T.km_summary(t, cap=1000)
+    assert km["solved"] == 3 and km["solved_fraction"] == pytest.approx(0.3, abs=1e-12)
+    assert np.isnan(km["median"]) and np.isnan(km["q75"]) and np.isnan(km["median_ci_high"])
+    assert km["q25"] == 300  # 3/10 >= 0.25 at the third event
+    none = T.km_summary([np.nan] * 4, cap=50)
+    assert none["solved"] == 0 and none["solved_fraction"] == 0 and np.isnan(none["median"])
+
+
+def test_km_median_interval_narrows_with_more_seeds():
+    rng = np.random.default_rng(4)
+    widths = []
+    for n in (20, 200, 2000):
+        t = rng.exponential(1000, n).round() + 1
+        t[t > 3000] = np.nan  # censored at the cap: ~5% of an exponential with mean 1,000
+        km = T.km_summary(t, cap=3000)
+        assert km["median_ci_low"] <= km["median"] <= km["median_ci_high"], n
+        widths.append(km["median_ci_high"] - km["median_ci_low"])
+    assert widths[0] > widths[1] > widths[2]
+    # true median of the exponential: 1000 ln 2 = 693; with 2000 seeds the 95% interval holds it (this seed)
+    assert km["median_ci_low"] <= 694 <= km["median_ci_high"]
+
+
+def _old_runs(n=20, scales=(0.3,), cap=5000):
     rows = []
     rng = np.random.default_rng(1)
     for task in ("xor", "parity", "symmetry", "family_trees"):
-        for seed in range(20):
-            rows.append({"run_id": f"{task}{seed}", "task": task, "seed": seed, "loss": "sse_half", "lr": 0.5,
-                         "momentum": 0.9, "steps": 5000, "widths": "[2]", "params_json": None,
-                         "solved_step": int(rng.integers(100, 4000)) if seed % 4 else None,
-                         "final_accuracy": 1.0, "final_test_accuracy": 0.75})
+        for scale in (scales if task == "parity" else (0.3,)):
+            for seed in range(n):
+                rows.append({"run_id": f"{task}{scale}{seed}", "task": task, "seed": seed, "loss": "sse_half",
+                             "lr": 0.5, "momentum": 0.9, "steps": cap, "widths": "[2]", "params_json": None,
+                             "init": "uniform", "init_scale": scale, "status": "ok",
+                             "solved_step": int(rng.integers(100, 4000)) if seed % 4 else None,
+                             "final_accuracy": 1.0, "final_test_accuracy": 0.75})
     runs = pd.DataFrame(rows)
     runs["solved_step"] = runs["solved_step"].astype("Int64")
-    fig = F.sweeps_to_solution(runs)
+    return runs
+
+
+def test_time_to_solve_figure(tmp_path):
+    runs = _old_runs(scales=(1.0, 0.3))
+    fig = F.time_to_solve(runs)
     (ax,) = _axes(fig)
     assert ax.get_xscale() == "log"
-    assert len(ax.get_yticklabels()) == 4
+    curves = [ln for ln in ax.lines if ln.get_drawstyle() == "steps-post"]
+    labels = [ln.get_label() for ln in curves]
+    assert labels == ["xor, U[-0.3, 0.3] (15/20)", "parity, U[-1, 1] (15/20)", "parity, U[-0.3, 0.3] (15/20)",
+                      "symmetry, U[-0.3, 0.3] (15/20)", "family trees, U[-0.3, 0.3] (15/20)"]
+    for line in curves:  # each curve is the KM fraction solved: ends at 15/20 (all censoring at the cap)
+        assert line.get_ydata()[-1] == pytest.approx(0.75, abs=1e-12), line.get_label()
+        assert line.get_xdata()[-1] == 5000
+    assert curves[1].get_linestyle() != curves[2].get_linestyle()  # two init ranges of one problem
+    papers = sorted(ln.get_xdata()[0] for ln in ax.lines if ln.get_marker() == "D" and len(ln.get_xdata()))
+    assert papers == [558, 1425, 1500, 2825, 2825]  # the papers' numbers (family trees: its fixed 1,500)
     _saves(fig, tmp_path)
-    table, _ = T.rumelhart_table(runs)
-    assert list(table["problem"]) == ["xor", "parity", "symmetry", "family trees"]
-    assert set(table["solved"]) == {"75%"}
-    assert "3/4" in table.loc[3, "where they differ"]
+
+
+def test_rumelhart_table_km_columns():
+    runs = _old_runs(scales=(1.0, 0.3))
+    table, note = T.rumelhart_table(runs)
+    assert list(zip(table["problem"], table["init_range"])) == [
+        ("xor", "U[-0.3, 0.3]"), ("parity", "U[-1, 1]"), ("parity", "U[-0.3, 0.3]"), ("symmetry", "U[-0.3, 0.3]"),
+        ("family trees", "U[-0.3, 0.3]")]
+    for col in ("problem", "seeds", "solved", "cap", "median_sweeps", "q25_sweeps", "q75_sweeps", "paper_sweeps",
+                "init_range", "solved_fraction", "median_ci_low", "median_ci_high"):
+        assert col in table.columns, col
+    for row, (_, g) in zip(table.itertuples(), T.rumelhart_groups(runs)):
+        km = T.km_summary(g["solved_step"], g["steps"])
+        assert row.seeds == 20 and row.solved == 15 and row.cap == 5000
+        assert row.median_sweeps == km["median"]  # the one helper, over all seeds
+        assert row.median_sweeps != np.median(g["solved_step"].dropna())  # not the solved-only median
+    assert np.isnan(table.loc[4, "paper_sweeps"]) and table.loc[0, "paper_sweeps"] == 558
+    assert "3/4" in table.loc[4, "where they differ"] and "Kaplan-Meier" in note
+    heavy = runs.assign(solved_step=runs["solved_step"].where(runs["seed"] < 5))
+    table, _ = T.rumelhart_table(heavy)
+    assert table["median_sweeps"].isna().all()  # 4 of 20 solved: the median is not reached
+    assert "not reached" in table.loc[0, "where they differ"]
 
 
 def test_hinton_weights(tmp_path):
@@ -266,7 +348,7 @@ def test_report_on_a_tiny_sweep(tiny_results, tmp_path):
         assert f"(figures/{name}.png)" in text and f"--only {name}`" in text
     for link in re.findall(r"\]\(((?:figures|tables)/[^)]+)\)", text):  # every link resolves
         assert (tmp_path / "report" / link).exists(), link
-    for table in ("rumelhart_1986", "nielsen_ch5", "meanfield"):
+    for table in ("rumelhart", "nielsen_ch5", "meanfield"):
         assert (tmp_path / "report" / "tables" / f"{table}.csv").exists()
         assert (tmp_path / "report" / "tables" / f"{table}.md").exists()
         assert f"(tables/{table}.md)" in text
