@@ -42,6 +42,11 @@ NIELSEN = {2: (0.07, 0.31), 3: (0.012, 0.060, 0.283), 4: (0.003, 0.017, 0.070, 0
 _THEME_SET = False
 
 
+def sigma_w_label(sigma_w: float) -> str:
+    """'1.5', or 'sqrt2 (He)' for sigma_w = sqrt(2) (He init's variance 2/fan_in), however it was typed."""
+    return "sqrt2 (He)" if abs(float(sigma_w) - np.sqrt(2)) < 1e-3 else f"{float(sigma_w):g}"
+
+
 def set_theme() -> None:
     """The one theme of every figure (seaborn "paper" context, sized for a 3.4 in column)."""
     global _THEME_SET
@@ -549,7 +554,8 @@ def hinton_weights(params: dict, title: str | None = None) -> plt.Figure:
 # ------------------------------------------------------------------------------ mean field
 def meanfield_ratios(table: pd.DataFrame) -> plt.Figure:
     """Measured median ||delta^l|| / ||delta^(l+1)|| (IQR as error bars) vs the mean-field sqrt(chi1),
-    log-log with the identity. `table`: activation, sigma_w, sigma_b, predicted, measured, q25, q75."""
+    log-log with the identity; each point labelled with its sigma_w ('sqrt2=He' for He init's sqrt 2).
+    `table`: activation, sigma_w, sigma_b, predicted, measured, q25, q75."""
     set_theme()
     _require(table, "the mean-field comparison")
     fig, ax = plt.subplots(figsize=(SINGLE, SINGLE * 0.9))
@@ -564,6 +570,10 @@ def meanfield_ratios(table: pd.DataFrame) -> plt.Figure:
             err = np.vstack([e["measured"] - e["q25"], e["q75"] - e["measured"]])
             ax.errorbar(e["predicted"], e["measured"], yerr=err, fmt=m, color=f"C{k}", ms=4, lw=0.8, mfc="none"
                         if sb else None)
+            if "sigma_w" in e:  # which sigma_w each point is: the grid has several per activation
+                for x, y, sw in zip(e["predicted"], e["measured"], e["sigma_w"]):
+                    ax.annotate(sigma_w_label(sw).replace(" (He)", "=He"), (x, y), xytext=(3, -6 if sb else 3),
+                                textcoords="offset points", fontsize=4.5, color=f"C{k}")
     lo = min(table["predicted"].min(), table["q25"].min()) * 0.8
     hi = max(table["predicted"].max(), table["q75"].max()) * 1.25
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.7)

@@ -181,24 +181,27 @@ def plan(exps: list[Experiment]) -> tuple[list[Figure], list[tuple[str, str]], d
                                        g, ly, "grad_norm", "bias", inputs, reference=F.NIELSEN),
                                    f"Nielsen ch. 5 on the digits stand-in: ||dC/db^l|| per hidden layer at "
                                    f"initialisation, a line per depth, median and IQR over "
-                                   f"{g.groupby('depth').size().min()} seeds; open squares, dotted: Nielsen's "
-                                   "MNIST numbers; dashed: mean-field delta profile, anchored at the last "
-                                   "hidden layer.", key=None))
+                                   f"{g.groupby('depth').size().min()} seeds, each over its own random "
+                                   "mini-batch of the digits training images (scikit-learn's 8x8 digits, not "
+                                   "MNIST); open squares, dotted: Nielsen's MNIST numbers (one unseeded run).",
+                                   key=None))
             backend = g["backend"].iloc[0]
             key = "profile_delta" if init in ("he", "torch_default") and exp.kind != "nielsen_ch5" else None
             for stat, what in (("delta_norm", "||delta^l|| (norm of dLoss/dz over the batch and units)"),
                                ("grad_norm", "||dLoss/dW^l||")):
+                theory_text = (
+                    "Dashed: the mean-field prediction for plain nets (bench.theory, this init's (sigma_w^2, "
+                    "sigma_b^2) via init_variances, layer 1 fed the task's mean x^2), anchored at the measured "
+                    "last hidden layer; no prediction for residual or batch-norm nets."
+                    if stat == "delta_norm" else
+                    "No mean-field line here: the theory predicts delta norms (see the profile_delta_norm "
+                    "figure), and a weight gradient also carries the activation norms.")
                 figs.append(Figure(
                     f"{stem}-profile_{stat}",
                     lambda g=g, ly=ly, stat=stat, inputs=inputs: F.gradient_profile(g, ly, stat, "weight", inputs),
                     f"{exp.name}, task {task}, init {init} ({backend}): {what} vs layer at step 0, a panel per "
                     "activation and architecture, a line per depth (median and IQR over seeds; the last point of "
-                    "each line is the output layer; each panel has its own y range). Dashed: the "
-                    "mean-field prediction for plain nets (bench.theory, this init's (sigma_w^2, sigma_b^2) via "
-                    "init_variances, layer 1 fed the task's mean x^2), anchored at the measured last hidden "
-                    "layer; " + ("drawn on the delta panels only: the weight gradient also carries the "
-                                 "activation norms." if stat == "grad_norm" else
-                                 "no prediction for residual or batch-norm nets."),
+                    "each line is the output layer; each panel has its own log y range). " + theory_text,
                     key=key if stat == "delta_norm" else None))
         if is_nielsen:
             continue
@@ -207,16 +210,20 @@ def plan(exps: list[Experiment]) -> tuple[list[Figure], list[tuple[str, str]], d
         st, ly = sub(exp, one)
         if one["depth"].nunique() >= 2:
             figs.append(Figure(f"{exp.name}-grad_ratio", lambda r=one, ly=ly: F.gradient_ratio(r, ly),
-                               f"{exp.name}: ||grad W^1|| / ||grad W^out|| at step 0 vs depth (log-log), median "
-                               "and IQR over seeds; colour = activation, line style = architecture, a panel per "
-                               "init. Below 1: the first layer learns slower than the output layer.",
+                               f"{exp.name}: ||grad W^1|| / ||grad W^out|| at step 0 vs depth (log y, linear "
+                               "depth: exponential decay is a straight line), median and IQR over seeds; colour = "
+                               "activation, line style = architecture, a panel per task and init (tasks are not "
+                               "pooled). Below 1: the first layer learns slower than the output layer.",
                                key=None))
             if steps_total > 1:
                 figs.append(Figure(f"{exp.name}-trainability", lambda r=one: F.trainability(r),
-                                   f"{exp.name}: final training loss and test metric after {steps_total} steps "
-                                   "vs depth, median and IQR over seeds; colour = activation, line style = init, "
-                                   f"a column per architecture. {int((one['status'] == 'diverged').sum())} "
-                                   "diverged runs are left out.", key=None))
+                                   f"{exp.name}: after {steps_total} steps, the loss on the whole training set "
+                                   "(evaluated in evaluation mode: batch norm uses its running statistics) and "
+                                   "the test metric (accuracy where the task has classes, else test loss) vs "
+                                   "depth (log depth axis), median and IQR over seeds; two rows per task (tasks "
+                                   "are not pooled), a column per architecture, colour = activation, line style "
+                                   f"= init. {int((one['status'] == 'diverged').sum())} diverged runs are left "
+                                   "out (x: every seed diverged).", key=None))
         else:
             skipped.append((f"{exp.name}-grad_ratio/trainability", "a single depth"))
         if steps_total > 1:

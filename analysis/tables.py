@@ -15,7 +15,7 @@ import pandas as pd
 from scipy.special import expit
 from scipy.stats import CensoredData, ecdf
 
-from analysis.figures import ACT_ORDER, NIELSEN, PAPER_SWEEPS, PROBLEMS
+from analysis.figures import ACT_ORDER, NIELSEN, PAPER_SWEEPS, PROBLEMS, sigma_w_label
 
 PAPER_TEXT = {
     "xor": "558 sweeps (eta 0.5, 1 hidden unit + direct connections; PDP ch. 8)",
@@ -242,7 +242,8 @@ def rumelhart_table(runs: pd.DataFrame) -> tuple[pd.DataFrame, str]:
 
 # ------------------------------------------------------------------------------ Nielsen
 NIELSEN_NOTE = (
-    "Ours: ||dC/db^l|| at initialisation over the first 1,000 training images, Nielsen's init W ~ N(0, 1/n_in), "
+    "Ours: ||dC/db^l|| at initialisation over a mini-batch of 1,000 training images (a random one per seed), "
+    "Nielsen's init W ~ N(0, 1/n_in), "
     "b ~ N(0, 1), sigmoid hidden layers of 30, median [IQR] over seeds (he reports one unseeded run). Stand-ins: "
     "scikit-learn's 8x8 digits (64 standardised inputs) replace MNIST (784 pixels in [0, 1]), and the output is "
     "softmax with cross-entropy (his: sigmoid outputs with cross-entropy), so absolute values differ; compare "
@@ -301,7 +302,7 @@ def meanfield_table(runs: pd.DataFrame, layers: pd.DataFrame) -> pd.DataFrame:
         path = np.median([theory.delta_ratio(act, sw2, sb2, q[l - 1]) for l in range(lo, hi + 1)])
         chi = theory.chi1(act, sw2, sb2)
         q25, q50, q75 = np.percentile(per_run, [25, 50, 75])
-        rows.append({"activation": act, "sigma_w": sw, "sigma_b": sb, "chi_1(q*)": chi,
+        rows.append({"activation": act, "sigma_w": sw, "init": sigma_w_label(sw), "sigma_b": sb, "chi_1(q*)": chi,
                      "xi": theory.depth_scale(chi), "sqrt chi_1(q*)": np.sqrt(chi), "predicted": path,
                      "measured": q50, "q25": q25, "q75": q75, "seeds": len(per_run),
                      "layers": f"{lo}-{hi} of {depth}", "width": int(width)})

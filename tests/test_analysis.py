@@ -93,8 +93,17 @@ def test_gradient_profile(stat, tmp_path):
     assert all(ax.get_yscale() == "log" for ax in axes)
     plain = [ax for ax in axes if ax.get_title().endswith("plain")]
     other = [ax for ax in axes if not ax.get_title().endswith("plain")]
-    assert all(len(ax.lines) == 3 + 3 for ax in plain)  # a line per depth + the mean-field prediction
-    assert all(len(ax.lines) == 3 for ax in other)  # no prediction for residual / batch norm
+    # the mean-field theory predicts delta norms: its line (one per depth > 1) on plain delta panels only;
+    # a weight gradient also carries the activation norms, so grad_norm panels get none
+    theory_lines = 3 if stat == "delta_norm" else 0
+    for ax in plain:
+        assert len(ax.lines) == 3 + theory_lines, ax.get_title()
+        dashed = [ln for ln in ax.lines if ln.get_color() == "k"]
+        assert len(dashed) == theory_lines, ax.get_title()
+    for ax in other:
+        assert len(ax.lines) == 3, ax.get_title()  # no prediction for residual / batch norm
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert ("mean field" in legend) == (stat == "delta_norm")
     _saves(fig, tmp_path)
 
 
@@ -123,12 +132,54 @@ def test_theory_profile_matches_theory_module():
         "sigmoid", 1.0, 1.0, 2.0, 3)[2]))
 
 
+def two_tasks(**kw):
+    """synthetic() for digits and teacher, teacher's first-layer gradients 10x larger (run ids distinct)."""
+    out = []
+    for task, boost in (("digits", 1.0), ("teacher", 10.0)):
+        runs, steps, layers = synthetic(task=task, **kw)
+        for df in (runs, steps, layers):
+            df["run_id"] = task + "-" + df["run_id"]
+        layers.loc[layers["layer"] == 1, ["grad_norm", "delta_norm"]] *= boost
+        runs["final_loss"] = runs["final_loss"] * boost
+        if task == "teacher":  # regression: no accuracy, a test loss
+            runs["final_test_accuracy"] = np.nan
+        out.append((runs, steps, layers))
+    return [pd.concat(parts, ignore_index=True) for parts in zip(*out)]
+
+
+def test_gradient_ratio_splits_tasks(tmp_path):
+    runs, _, layers = two_tasks(inits=("he",), depths=(1, 2, 5), acts=("sigmoid",), archs=((False, "none"),))
+    fig = F.gradient_ratio(runs, layers)
+    axes = _axes(fig)
+    assert [ax.get_title() for ax in axes] == ["digits, init he", "teacher, init he"]
+    for ax, boost in zip(axes, (1.0, 10.0)):  # each panel's median is its own task's, not a pooled one
+        assert np.allclose(ax.lines[0].get_ydata(), boost * 0.5 ** np.array([1, 2, 5])), ax.get_title()
+    _saves(fig, tmp_path)
+
+
+def test_trainability_splits_tasks(tmp_path):
+    runs, _, _ = two_tasks(inits=("he",), depths=(1, 2, 5), acts=("sigmoid",))
+    fig = F.trainability(runs)
+    axes = fig.axes
+    assert len(axes) == 4 * 3  # (loss, metric) per task x architectures
+    labels = [axes[3 * i].get_ylabel() for i in range(4)]
+    assert labels == ["digits: final\ntrain-set loss", "digits: final\ntest accuracy",
+                      "teacher: final\ntrain-set loss", "teacher: final\ntest loss"]
+    r = F.with_arch(runs)
+    for i, task in ((0, "digits"), (2, "teacher")):
+        for j, arch in enumerate(("plain", "residual", "batchnorm")):
+            d = r[(r["task"] == task) & (r["arch"] == arch)]
+            expected = d.groupby("depth")["final_loss"].median().to_numpy()
+            assert np.allclose(axes[3 * i + j].lines[0].get_ydata(), expected), (task, arch)
+    _saves(fig, tmp_path)
+
+
 def test_gradient_ratio(tmp_path):
     runs, _, layers = synthetic(inits=("he", "xavier"), depths=(1, 2, 5))
     fig = F.gradient_ratio(runs, layers)
     axes = _axes(fig)
-    assert len(axes) == 2  # a panel per init
-    assert all(ax.get_yscale() == "log" and ax.get_xscale() == "linear" for ax in axes)
+    assert len(axes) == 2  # a panel per init (one task)
+    assert all(ax.get_yscale() == "log" and ax.get_xscale() == "linear" for ax in axes)  # the caption says so
     assert len(axes[0].lines) == 2 * 3 + 1  # activation x arch medians + the line at 1
     y = axes[0].lines[0].get_ydata()
     assert np.allclose(y, 0.5 ** np.array([1, 2, 5]))  # first/last ratio of the synthetic 0.5x per layer
@@ -296,13 +347,16 @@ def test_hinton_weights(tmp_path):
 
 def test_meanfield_ratios(tmp_path):
     table = pd.DataFrame({"activation": ["sigmoid", "tanh", "relu"] * 2, "sigma_b": [0.0] * 3 + [0.3] * 3,
-                          "predicted": [0.25, 0.9, 1.0, 0.24, 0.85, 1.0]})
+                          "sigma_w": [1.0, 1.5, 1.4142] * 2, "predicted": [0.25, 0.9, 1.0, 0.24, 0.85, 1.0]})
     table["measured"] = table["predicted"] * 1.01
     table["q25"], table["q75"] = table["measured"] * 0.98, table["measured"] * 1.02
     fig = F.meanfield_ratios(table)
     (ax,) = _axes(fig)
     assert ax.get_xscale() == ax.get_yscale() == "log"
     assert len(ax.containers) == 6  # one error bar per (activation, sigma_b)
+    labels = sorted(t.get_text() for t in ax.texts)  # every point says its sigma_w; He's sqrt 2 by name
+    assert labels == sorted(["1", "1.5", "sqrt2=He"] * 2)
+    assert F.sigma_w_label(2 ** 0.5) == F.sigma_w_label(1.4142) == "sqrt2 (He)" and F.sigma_w_label(2.0) == "2"
     _saves(fig, tmp_path)
 
 
@@ -319,7 +373,7 @@ TINY_SWEEP = [
     ["experiment=nielsen_ch5", "ensemble=3", "model.depth=2"],
     ["experiment=nielsen_ch5", "ensemble=3", "model.depth=3"],
     *[["experiment=meanfield", f"model.activation={a}", "ensemble=2", "model.depth=8", "model.width=32",
-       "train.batch_size=64"] for a in ("sigmoid", "tanh")],
+       "train.batch_size=64", f"model.init_scale={s}"] for a in ("sigmoid", "tanh") for s in (1.0, 1.4142)],
     *[["experiment=depth_sweep", "task=digits", f"model.activation={a}", f"model.norm={n}", f"model.depth={d}",
        "model.init=he", "model.width=8", "ensemble=2", "train.steps=4", "log.every=2"]
       for a in ("sigmoid", "relu") for n in ("none", "batchnorm") for d in (1, 3)],
@@ -355,6 +409,7 @@ def test_report_on_a_tiny_sweep(tiny_results, tmp_path):
     assert "## Provenance" in text and "git " in text and "| seed_xor | 6 |" in text
     mf = pd.read_csv(tmp_path / "report" / "tables" / "meanfield.csv")
     assert set(mf["activation"]) == {"sigmoid", "tanh"}
+    assert sorted(set(mf["init"])) == ["1", "sqrt2 (He)"]  # He's sigma_w gets its own row and a sensible label
     docs = sorted(p.name for p in (tmp_path / "docs").iterdir())
     assert "seed_xor.png" in docs and "rumelhart_sweeps.png" in docs
     assert all((tmp_path / "docs" / p).stat().st_size < 300_000 for p in docs)
