@@ -414,20 +414,22 @@ def trainability(runs: pd.DataFrame) -> plt.Figure:
 
 
 # ------------------------------------------------------------------------------ twin agreement
+def _twin_key(config_json: str) -> str:
+    """The config without its backend (and launch-time paths): the same key for the two twins of a run."""
+    c = json.loads(config_json)
+    for k in ("backend", "results_dir", "progress", "overwrite"):
+        c.pop(k, None)
+    return json.dumps(c, sort_keys=True)
+
+
 def twin_pairs(runs: pd.DataFrame, layers: pd.DataFrame, stat: str = "grad_norm") -> pd.DataFrame:
     """NumPy and torch values of `stat` for the same (config without backend, step, layer, param).
 
     Columns: key, step, layer, param, numpy, torch, rel_err = |torch - numpy| / |numpy| (0 when both 0).
     """
     both = runs[runs["backend"].isin(["numpy", "torch"])]
-
-    def key(config_json: str) -> str:
-        c = json.loads(config_json)
-        c.pop("backend", None)
-        return json.dumps(c, sort_keys=True)
-
     ids = pd.DataFrame({"run_id": both["run_id"], "backend": both["backend"],
-                        "key": [key(c) for c in both["config_json"]]})
+                        "key": [_twin_key(c) for c in both["config_json"]]})
     ly = layers[layers["run_id"].isin(ids["run_id"])][["run_id", "step", "layer", "param", stat]]
     ly = ly.merge(ids, on="run_id")
     cols = ["key", "step", "layer", "param"]
@@ -440,24 +442,84 @@ def twin_pairs(runs: pd.DataFrame, layers: pd.DataFrame, stat: str = "grad_norm"
     return pairs
 
 
-def twin_agreement(runs: pd.DataFrame, layers: pd.DataFrame, stat: str = "grad_norm") -> plt.Figure:
-    """NumPy vs torch per-layer `stat`, log-log, identity line; the max relative error in the title."""
-    set_theme()
+ARCH_COLS = ["activation", "residual", "norm", "depth"]  # what tells the twins' architectures apart
+LOCKSTEP_LIMIT = 1e-9  # bench.twin's float64 bound: one step's rounding is ~1e-15
+TINY = 1e-18  # exact zeros drawn here on the log axes (and said in the legend)
+
+
+def arch_name(row) -> str:
+    return f"{row['activation']} {arch_label(row['residual'], row['norm'])} depth {int(row['depth'])}"
+
+
+def twin_free_running(runs: pd.DataFrame, layers: pd.DataFrame, stat: str = "grad_norm") -> pd.DataFrame:
+    """Free-running divergence: per architecture and logged step, the largest relative difference of
+    per-layer `stat` between a NumPy run and the torch run of the same config and seed (over seeds,
+    layers and parameters). Columns: activation, residual, norm, depth, step, max_rel_diff."""
     pairs = twin_pairs(runs, layers, stat)
-    _require(pairs, "twin agreement (no config run in both backends)")
-    pos = pairs[(pairs["numpy"] > 0) & (pairs["torch"] > 0)]
-    fig, ax = plt.subplots(figsize=(SINGLE, SINGLE * 0.9))
-    params = _order(pos["param"], ("weight", "bias", "gamma", "beta", "direct"))
-    for k, p in reversed(list(enumerate(params))):  # weights drawn last, on top
-        d = pos[pos["param"] == p]
-        ax.scatter(d["numpy"], d["torch"], s=3, alpha=0.4, color=f"C{k}", label=p, rasterized=True, lw=0)
-    lo, hi = pos[["numpy", "torch"]].min().min(), pos[["numpy", "torch"]].max().max()
-    ax.plot([lo, hi], [lo, hi], color="k", lw=0.7, ls="--", label="identity")
-    ax.set(xscale="log", yscale="log", xlabel=f"NumPy {stat}", ylabel=f"torch {stat}")
-    ax.set_title(f"{len(pairs):,} pairs; max relative error {np.nanmax(pairs['rel_err']):.1e}")
-    handles, labels = ax.get_legend_handles_labels()
-    order = sorted(range(len(labels)), key=lambda i: (params + ["identity"]).index(labels[i]))
-    ax.legend([handles[i] for i in order], [labels[i] for i in order], loc="upper left", markerscale=3)
+    if pairs.empty:
+        return pd.DataFrame(columns=[*ARCH_COLS, "step", "max_rel_diff"])
+    arch = runs[runs["backend"] == "numpy"].copy()
+    arch["key"] = [_twin_key(c) for c in arch["config_json"]]
+    arch = arch.drop_duplicates("key")[["key", *ARCH_COLS]]
+    pairs = pairs.merge(arch, on="key")
+    pairs["rel_err"] = pairs["rel_err"].fillna(np.inf)  # a value against a zero: as far apart as can be
+    out = pairs.groupby([*ARCH_COLS, "step"], sort=True)["rel_err"].max().rename("max_rel_diff")
+    return out.reset_index()
+
+
+def twin_summary(free: pd.DataFrame) -> pd.DataFrame:
+    """Per architecture: the free-running divergence at step 0, at the middle logged step, at the last."""
+    rows = []
+    for keys, g in free.groupby(ARCH_COLS, sort=True):
+        g = g.sort_values("step")
+        steps = g["step"].to_numpy()
+        mid = steps[len(steps) // 2]
+        at = g.set_index("step")["max_rel_diff"]
+        rows.append({**dict(zip(ARCH_COLS, keys)), "step_0": float(at.iloc[0]), "middle_step": int(mid),
+                     "at_middle": float(at[mid]), "last_step": int(steps[-1]), "at_last": float(at.iloc[-1])})
+    return pd.DataFrame(rows)
+
+
+def _per_arch_lines(ax, table: pd.DataFrame, value: str) -> None:
+    archs = table.drop_duplicates(ARCH_COLS)[ARCH_COLS].sort_values(ARCH_COLS)
+    colors = sns.color_palette("colorblind", max(len(archs), 1))
+    for k, (_, a) in enumerate(archs.iterrows()):
+        d = table[(table[ARCH_COLS] == a[ARCH_COLS].values).all(axis=1)].sort_values("step")
+        y = np.clip(d[value].astype(float).to_numpy(), TINY, None)
+        ax.plot(d["step"], y, color=colors[k % len(colors)], marker="." if len(d) < 30 else None, ms=3,
+                label=arch_name(a))
+
+
+def twin_lockstep(table: pd.DataFrame) -> plt.Figure:
+    """LOCKSTEP twin error per logged step (bench.twin): the NumPy net trains, and at each logged step the
+    torch twin recomputes loss, gradients and every per-layer statistic on the NumPy parameters; the
+    worst relative difference, a line per architecture, log y, with the 1e-9 bound.
+    `table`: activation, residual, norm, depth, step, max_rel_diff."""
+    set_theme()
+    _require(table, "the lockstep twin check")
+    fig, ax = plt.subplots(figsize=(SINGLE * 1.35, SINGLE * 0.8))
+    _per_arch_lines(ax, table, "max_rel_diff")
+    ax.axhline(LOCKSTEP_LIMIT, color="C3", lw=0.9, ls="--", label="bound 1e-9")
+    ax.set(yscale="log", xlabel="step", ylabel="lockstep max relative difference",
+           ylim=(TINY / 3, max(1e-6, float(table["max_rel_diff"].max()) * 10)))
+    worst = float(table["max_rel_diff"].max())
+    ax.set_title(f"lockstep, float64: max {worst:.1e} ({'within' if worst <= LOCKSTEP_LIMIT else 'ABOVE'} 1e-9)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title=f"exact 0 drawn at {TINY:g}")
+    fig.tight_layout()
+    return fig
+
+
+def twin_divergence(free: pd.DataFrame) -> plt.Figure:
+    """FREE-RUNNING divergence per logged step: NumPy and torch runs of one config and seed, each on its
+    own trajectory; the largest relative difference of per-layer gradient norms, a line per architecture,
+    log y. Growth here measures how chaotic training is (rounding differences amplified), not an error."""
+    set_theme()
+    _require(free, "free-running twin divergence (no config run in both backends)")
+    fig, ax = plt.subplots(figsize=(SINGLE * 1.35, SINGLE * 0.8))
+    _per_arch_lines(ax, free, "max_rel_diff")
+    ax.set(yscale="log", xlabel="step", ylabel="free-running max relative difference")
+    ax.set_title("free-running NumPy vs torch: divergence of trajectories")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title=f"exact 0 drawn at {TINY:g}")
     fig.tight_layout()
     return fig
 

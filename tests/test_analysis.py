@@ -212,18 +212,65 @@ def test_trainability(tmp_path):
     _saves(fig, tmp_path)
 
 
-def test_twin_agreement(tmp_path):
-    runs, _, layers = synthetic(acts=("sigmoid",), archs=((False, "none"),), depths=(2,),
-                                backends=("numpy", "torch"))
+def _twins(depths=(2,), drift=1e-9):
+    """numpy and torch twins of synthetic runs; torch's gradient norms drift by drift * step (relative)."""
+    runs, _, layers = synthetic(acts=("sigmoid", "relu"), archs=((False, "none"),), depths=depths,
+                                backends=("numpy", "torch"), steps=(0, 10, 20, 30))
     torch_rows = layers["run_id"].str.endswith("torch")
-    layers.loc[torch_rows, "grad_norm"] *= 1 + 1e-9
+    layers.loc[torch_rows, "grad_norm"] *= 1 + drift * layers.loc[torch_rows, "step"]
+    return runs, layers
+
+
+def test_twin_free_running(tmp_path):
+    runs, layers = _twins()
     pairs = F.twin_pairs(runs, layers)
-    assert len(pairs) == torch_rows.sum() and pairs["rel_err"].max() == pytest.approx(1e-9, rel=1e-3)
-    fig = F.twin_agreement(runs, layers)
+    assert len(pairs) == layers["run_id"].str.endswith("torch").sum()
+    free = F.twin_free_running(runs, layers)
+    assert sorted(free["activation"].unique()) == ["relu", "sigmoid"]
+    for row in free.itertuples():  # the largest relative drift at each step: drift * step
+        assert row.max_rel_diff == pytest.approx(1e-9 * row.step, rel=1e-6, abs=1e-15), row  # rel: float rounding
+    summary = F.twin_summary(free)
+    assert list(summary.columns) == ["activation", "residual", "norm", "depth", "step_0", "middle_step",
+                                     "at_middle", "last_step", "at_last"]
+    for row in summary.itertuples():
+        assert row.step_0 == 0 and row.middle_step == 20 and row.last_step == 30
+        assert row.at_last == pytest.approx(3e-8, rel=1e-6)  # float rounding of 1 + 3e-8 only
+    fig = F.twin_divergence(free)
     (ax,) = _axes(fig)
-    assert ax.get_xscale() == ax.get_yscale() == "log"
-    assert "1.0e-09" in ax.get_title()
-    assert len(ax.lines) == 1  # identity
+    assert ax.get_yscale() == "log" and "free-running" in ax.get_ylabel()
+    assert len(ax.lines) == 2  # a line per architecture
+    assert ax.lines[0].get_ydata()[0] == F.TINY  # the exact 0 at step 0, drawn at the floor
+    _saves(fig, tmp_path)
+
+
+def test_lockstep_table_runs_each_numpy_job_once(tmp_path):
+    from analysis.report import lockstep_summary, lockstep_table
+
+    runs, _ = _twins(depths=(2, 3))
+    calls = []
+
+    def fake(config, ensemble):  # stands in for bench.twin.lockstep_from_run_config
+        calls.append((config["depth"], config["activation"], config["seed"], config["backend"], ensemble))
+        err = 1e-15 if config["activation"] == "sigmoid" else 2e-9
+        return pd.DataFrame({"step": [0, 10, 20], "max_rel_diff": [0.0, err / 2, err],
+                             "quantity": ["loss", "grad_norm", "delta_norm"]})
+
+    lock = lockstep_table(runs, lockstep=fake)
+    # synthetic(): 3 seeds per (activation, depth), numpy and torch: one call per numpy job, lowest seed
+    assert sorted(calls) == sorted((d, a, 0, "numpy", 3) for a in ("sigmoid", "relu") for d in (2, 3))
+    assert len(lock) == 4 * 3 and set(lock["seeds"]) == {3}
+    summary = lockstep_summary(lock)
+    assert len(summary) == 4  # per architecture
+    for row in summary.itertuples():
+        assert row.seeds == 3 and row.step == 20 and row.quantity == "delta_norm"
+        assert row.max_rel_diff == (1e-15 if row.activation == "sigmoid" else 2e-9)
+        assert row.within_bound == (row.activation == "sigmoid")  # max_rel_diff <= 1e-9
+    fig = F.twin_lockstep(lock)
+    (ax,) = _axes(fig)
+    assert ax.get_yscale() == "log"
+    bound = [ln for ln in ax.lines if list(ln.get_ydata()) == [1e-9, 1e-9]]
+    assert len(bound) == 1  # the 1e-9 line
+    assert len(ax.lines) == 4 + 1 and "ABOVE" in ax.get_title()
     _saves(fig, tmp_path)
 
 
@@ -378,7 +425,7 @@ TINY_SWEEP = [
        "model.init=he", "model.width=8", "ensemble=2", "train.steps=4", "log.every=2"]
       for a in ("sigmoid", "relu") for n in ("none", "batchnorm") for d in (1, 3)],
 ]
-EXPECTED_FIGURES = ["seed_xor-charts", "seed_xor-twin_agreement", "rumelhart-sweeps", "rumelhart-symmetry_weights",
+EXPECTED_FIGURES = ["seed_xor-charts", "seed_xor-twin_lockstep", "seed_xor-twin_free_running", "rumelhart-sweeps", "rumelhart-symmetry_weights",
                     "nielsen_ch5-digits-nielsen-bias_grad_profile", "meanfield-ratios",
                     "depth_sweep-digits-he-profile_delta_norm", "depth_sweep-digits-he-profile_grad_norm",
                     "depth_sweep-grad_ratio", "depth_sweep-trainability", "depth_sweep-digits-he-training_dynamics"]
@@ -402,11 +449,17 @@ def test_report_on_a_tiny_sweep(tiny_results, tmp_path):
         assert f"(figures/{name}.png)" in text and f"--only {name}`" in text
     for link in re.findall(r"\]\(((?:figures|tables)/[^)]+)\)", text):  # every link resolves
         assert (tmp_path / "report" / link).exists(), link
-    for table in ("rumelhart", "nielsen_ch5", "meanfield"):
+    for table in ("rumelhart", "nielsen_ch5", "meanfield", "twin_lockstep", "twin_free_running"):
         assert (tmp_path / "report" / "tables" / f"{table}.csv").exists()
         assert (tmp_path / "report" / "tables" / f"{table}.md").exists()
         assert f"(tables/{table}.md)" in text
     assert "## Provenance" in text and "git " in text and "| seed_xor | 6 |" in text
+    lock = pd.read_csv(tmp_path / "report" / "tables" / "twin_lockstep.csv")
+    assert len(lock) == 1 and lock.loc[0, "seeds"] == 3  # the seed's one net, its 3 members in one job
+    assert lock["max_rel_diff"].max() <= 1e-9  # float64 lockstep: one step's rounding is ~1e-15
+    free = pd.read_csv(tmp_path / "report" / "tables" / "twin_free_running.csv")
+    assert list(free[["step_0", "middle_step", "last_step"]].iloc[0]) == [free.loc[0, "step_0"], 10, 20]
+    assert "a finding, not a failure" in text
     mf = pd.read_csv(tmp_path / "report" / "tables" / "meanfield.csv")
     assert set(mf["activation"]) == {"sigmoid", "tanh"}
     assert sorted(set(mf["init"])) == ["1", "sqrt2 (He)"]  # He's sigma_w gets its own row and a sensible label
