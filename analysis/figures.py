@@ -403,7 +403,15 @@ def trainability(runs: pd.DataFrame) -> plt.Figure:
         lims = [axes[i, j].get_ylim() for j in range(len(archs)) if axes[i, j].has_data()]
         if lims:
             for j in range(len(archs)):
-                axes[i, j].set_ylim(min(lo for lo, _ in lims), max(hi for _, hi in lims))
+                ax = axes[i, j]
+                ax.set_ylim(min(lo for lo, _ in lims), max(hi for _, hi in lims))
+                if ax.get_yscale() == "log":
+                    lo, hi = ax.get_ylim()
+                    if np.log10(hi / lo) < 1:  # under a decade: plain numbers, not 2.3 x 10^0
+                        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+                        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+                    else:
+                        _tidy_log_y(ax)
     handles = [plt.Line2D([], [], color=colors[a], label=a) for a in acts]
     handles += [plt.Line2D([], [], color="0.3", ls=styles[i], label=f"init {i}") for i in inits]
     if diverged:
