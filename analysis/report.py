@@ -355,7 +355,7 @@ def plan(exps: list[Experiment]) -> tuple[list[Figure], list[tuple[str, str]], d
             return ("1986 problems: fraction of seeds solved (every output of every pattern within 0.4 of its "
                     "target; family trees 0.2) vs sweeps, the Kaplan-Meier estimate over ALL seeds with unsolved "
                     "seeds censored at the cap; band: 95% pointwise confidence (log-log); horizontal line: half "
-                    "the seeds. Dotted verticals and diamonds: the papers' numbers where our curve crosses them "
+                    "the seeds. Dotted verticals: the papers' numbers; diamonds: our fraction solved by then "
                     "(parity's are 'presentations'; open diamond: the fixed 1,500 sweeps the family-trees net was "
                     "trained for). " + "; ".join(parts) + ".")
         figs.append(Figure("rumelhart-sweeps", lambda o=old: F.time_to_solve(o), sweeps_caption,

@@ -232,10 +232,10 @@ def rumelhart_table(runs: pd.DataFrame) -> tuple[pd.DataFrame, str]:
             "that never met the criterion is right-censored at the cap (a diverged seed too: it has not solved "
             "the task and will not). solved = seeds solved within the cap, solved_fraction = the Kaplan-Meier "
             "fraction solved at the cap (equal to solved/seeds when every seed ran to the same cap); "
-            "median_sweeps, q25_sweeps, q75_sweeps = first sweep by which 50%, 25%, 75% are solved, empty "
+            "median_sweeps, q25_sweeps, q75_sweeps = first sweep by which 50%, 25%, 75% are solved, 'not reached' "
             "(NaN in the CSV) where that fraction is not reached within the cap; median_ci_low/high = 95% "
             "confidence interval of the median from the log-log pointwise band of the survival function "
-            "(Brookmeyer-Crowley: the sweeps where that band crosses 50%; empty: not reached). paper_sweeps: "
+            "(Brookmeyer-Crowley: the sweeps where that band crosses 50%). paper_sweeps: "
             "the papers' number (parity: 'presentations'). The papers report single runs.")
     return pd.DataFrame(rows), note
 
