@@ -381,6 +381,18 @@ def plan(exps: list[Experiment]) -> tuple[list[Figure], list[tuple[str, str]], d
     if nl:
         tables["nielsen_ch5"] = (pd.concat([T.nielsen_table(e.runs, e.layers) for e in nl], ignore_index=True),
                                  T.NIELSEN_NOTE)
+    # family trees (issue 9 part 3): held-out score per setting and the person units' weights;
+    # the code lives in analysis/family_trees.py, this block only adds its table and figure
+    ft_runs = pd.concat([e.runs[e.runs["task"] == "family_trees"] for e in exps], ignore_index=True)
+    if len(ft_runs):
+        from analysis import family_trees as FT
+
+        ft_steps = pd.concat([e.steps for e in exps], ignore_index=True)
+        tables["family_trees_scan"] = (FT.scan_table(ft_runs, ft_steps), FT.SCAN_NOTE)
+        try:
+            figs.append(FT.report_figure(ft_runs, Figure))
+        except ValueError as e:  # no run with final parameters to draw
+            skipped.append(("family_trees-person_weights", str(e)))
     seen, unique = set(), []
     for f in figs:
         if f.name not in seen:

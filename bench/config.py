@@ -19,7 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from bench.init import SCHEMES
-from bench.spec import ACTIVATIONS, NetSpec, TrainSpec
+from bench.spec import ACTIVATIONS, LOSSES, NetSpec, TrainSpec
 from bench.tasks import Task, make_task
 
 
@@ -32,7 +32,7 @@ Backend = Enum("Backend", {"numpy": "numpy", "torch": "torch"})
 Activation = Enum("Activation", {a: a for a in ACTIVATIONS})
 Norm = Enum("Norm", {"none": "none", "batchnorm": "batchnorm"})
 Init = Enum("Init", {s: s for s in SCHEMES})
-Loss = Enum("Loss", {"auto": "auto", "sse_half": "sse_half", "mse": "mse", "cross_entropy": "cross_entropy"})
+Loss = Enum("Loss", {"auto": "auto", **{name: name for name in LOSSES}})
 DType = Enum("DType", {"float64": "float64", "float32": "float32"})
 Device = Enum("Device", {"cpu": "cpu", "cuda": "cuda"})
 Progress = Enum("Progress", {"auto": "auto", "bar": "bar", "log": "log", "none": "none"})

@@ -15,7 +15,7 @@ import contextlib
 
 import numpy as np
 
-from bench.spec import BN_EPS, BN_MOMENTUM, LEAKY_SLOPE, NetSpec
+from bench.spec import BN_EPS, BN_MOMENTUM, DEADZONE_BAND, LEAKY_SLOPE, NetSpec
 
 
 def phi(name: str, z: np.ndarray) -> np.ndarray:
@@ -98,10 +98,26 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
+def in_deadzone(y: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Outputs that count as no error in sse_half_deadzone: target 1 (on) and y > 1 - band, or
+    target 0 (off) and y < band (1986). Targets above 1/2 count as "on"; the test is one-sided, so an
+    identity output past its target is inside too. The loss jumps by band^2 / 2 at the band's edge."""
+    return np.where(d > 0.5, y > d - DEADZONE_BAND, y < d + DEADZONE_BAND)
+
+
+def deadzone_error(y: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """y - d, with 0 for outputs inside their band (a new array)."""
+    e = y - d
+    e[in_deadzone(y, d)] = 0.0
+    return e
+
+
 def loss_value(loss: str, y: np.ndarray, d: np.ndarray, logits: np.ndarray) -> np.ndarray:
     """Per-member loss (E,) of outputs y (logits z for softmax) against targets d, (E | 1, B, n_out)."""
     if loss == "sse_half":  # 1986: 1/2 sum over cases AND outputs
         return 0.5 * ((y - d) ** 2).sum((1, 2))
+    if loss == "sse_half_deadzone":  # 1986 family trees: sse_half without the outputs already right
+        return 0.5 * (deadzone_error(y, d) ** 2).sum((1, 2))
     if loss == "mse":
         return ((y - d) ** 2).mean((1, 2))
     if loss == "cross_entropy":  # mean over cases of -log p(target), with a stable log-softmax
@@ -113,8 +129,11 @@ def loss_value(loss: str, y: np.ndarray, d: np.ndarray, logits: np.ndarray) -> n
 
 def loss_and_delta(loss: str, output: str, y: np.ndarray, d: np.ndarray, logits: np.ndarray):
     """(loss_value, output_delta) with y - d computed once; the same roundings as the two functions."""
-    e = y - d
-    if loss == "sse_half":
+    if loss == "sse_half_deadzone":
+        e = deadzone_error(y, d)
+    else:
+        e = y - d
+    if loss in ("sse_half", "sse_half_deadzone"):
         losses = 0.5 * (e * e).sum((1, 2))
     elif loss == "mse":
         losses = (e * e).mean((1, 2))
@@ -134,7 +153,12 @@ def output_delta(loss: str, output: str, y: np.ndarray, d: np.ndarray) -> np.nda
     """dLoss/dz for the output layer: loss derivative times the output non-linearity's."""
     if loss == "cross_entropy":  # softmax + cross-entropy: the Jacobians cancel to (p - d)
         return (y - d) / y.shape[1]
-    g = y - d if loss == "sse_half" else (2.0 / (y.shape[1] * y.shape[2])) * (y - d)
+    if loss == "sse_half":
+        g = y - d
+    elif loss == "sse_half_deadzone":  # zero inside the band: those outputs get no gradient
+        g = deadzone_error(y, d)
+    else:
+        g = (2.0 / (y.shape[1] * y.shape[2])) * (y - d)
     return g * (y * (1.0 - y)) if output == "sigmoid" else g
 
 

@@ -14,7 +14,10 @@ import numpy as np
 ACTIVATIONS = ("sigmoid", "tanh", "relu", "softsign", "leaky_relu")
 OUTPUTS = ("sigmoid", "softmax", "identity")
 NORMS = ("none", "batchnorm")
-LOSSES = ("sse_half", "mse", "cross_entropy")
+LOSSES = ("sse_half", "sse_half_deadzone", "mse", "cross_entropy")
+# sse_half_deadzone (1986 family trees): an output that should be on and is above 1 - 0.2, or should
+# be off and is below 0.2, counts as no error (and gets no gradient); every other output as in sse_half
+DEADZONE_BAND = 0.2
 LEAKY_SLOPE = 0.01  # leaky_relu: phi(z) = z for z > 0, 0.01 z otherwise
 BN_EPS = 1e-5  # batch norm: added to the batch variance before the square root (torch's default)
 BN_MOMENTUM = 0.1  # batch norm: running = (1 - m) running + m batch (torch's convention)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.spec import BN_EPS, BN_MOMENTUM, LEAKY_SLOPE, NetSpec
+from bench.spec import BN_EPS, BN_MOMENTUM, DEADZONE_BAND, LEAKY_SLOPE, NetSpec
 
 _PHI = {
     "sigmoid": torch.sigmoid,
@@ -45,6 +45,9 @@ def loss_value(loss: str, y: torch.Tensor, d: torch.Tensor, logits: torch.Tensor
     """Per-member loss (E,); the same definitions as the NumPy network's."""
     if loss == "sse_half":
         return 0.5 * ((y - d) ** 2).sum((1, 2))
+    if loss == "sse_half_deadzone":  # outputs inside their band: no error, so autograd gives no gradient
+        inside = torch.where(d > 0.5, y > d - DEADZONE_BAND, y < d + DEADZONE_BAND)
+        return 0.5 * (torch.where(inside, torch.zeros_like(y), y - d) ** 2).sum((1, 2))
     if loss == "mse":
         return ((y - d) ** 2).mean((1, 2))
     if loss == "cross_entropy":
