@@ -157,4 +157,5 @@ def report_figure(runs: pd.DataFrame, figure_cls):
                f"{right}/{int(run['n_test'])} held-out triples right, {run['final_accuracy']:.0%} of the training "
                f"triples. Area ~ |w|; white positive, black negative; English left, Italian right, isomorphic "
                f"people in the same column. {person_units_summary(person_weights(params))}.")
-    return figure_cls("family_trees-person_weights", lambda: person_weights_figure(params, names), caption)
+    return figure_cls("family_trees-person_weights", lambda: person_weights_figure(params, names), caption,
+                      key="family_trees_weights")

@@ -225,7 +225,8 @@ def plan(exps: list[Experiment]) -> tuple[list[Figure], list[tuple[str, str]], d
                             f"dashed: the 1e-9 bound. Worst: {w['max_rel_diff']:.1e} ({w['quantity']}, step "
                             f"{int(w['step'])}), {'within' if t['max_rel_diff'].max() <= F.LOCKSTEP_LIMIT else 'ABOVE'}"
                             " the bound. Exact zeros are drawn at 1e-18.")
-                figs.append(Figure(f"{exp.name}-twin_lockstep", lambda t=lock: F.twin_lockstep(t), lock_cap))
+                figs.append(Figure(f"{exp.name}-twin_lockstep", lambda t=lock: F.twin_lockstep(t), lock_cap,
+                                   key="twin_lockstep"))
             free = F.twin_free_running(r, exp.layers)
             if len(free):
                 tables[_unique(tables, "twin_free_running", exp.name)] = (F.twin_summary(free), FREE_NOTE)
@@ -239,7 +240,8 @@ def plan(exps: list[Experiment]) -> tuple[list[Figure], list[tuple[str, str]], d
                             "chaotic training is: rounding differences of ~1e-16 in the first step are amplified "
                             "along the trajectory. It is a finding, not a failure: correctness is the lockstep "
                             "check, which compares the two on the same parameters. Exact zeros are drawn at 1e-18.")
-                figs.append(Figure(f"{exp.name}-twin_free_running", lambda f=free: F.twin_divergence(f), free_cap))
+                figs.append(Figure(f"{exp.name}-twin_free_running", lambda f=free: F.twin_divergence(f), free_cap,
+                                   key="twin_free_running"))
         elif exp.kind in ("seed_xor", "quickstart"):
             skipped.append((f"{exp.name}-twin_lockstep/free_running", "only one backend in the data"))
 
