@@ -6,14 +6,20 @@
   fused_output                      the output non-linearity whose Jacobian dvalue already includes
                                     (softmax + cross-entropy: the Jacobians cancel to (p - d) / B)
 
-sse_half is the 1986 paper's E = 1/2 sum over cases and outputs (a sum, not a mean); mse is the mean
-over cases and outputs; cross_entropy is the mean over cases of -log softmax(z^L)_target.
+sse_half is the 1986 paper's E = 1/2 sum over cases and outputs (a sum, not a mean); sse_half_deadzone
+is sse_half without the outputs already right (1986 family trees: an output that should be on and is
+above 1 - 0.2, or should be off and is below 0.2, counts as no error and gets no gradient); mse is the
+mean over cases and outputs; cross_entropy is the mean over cases of -log softmax(z^L)_target.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import numpy as np
+
+DEADZONE_BAND = 0.2  # sse_half_deadzone: outputs within 0.2 of their 0/1 target count as right (1986)
 
 
 @dataclass(frozen=True)
@@ -29,8 +35,22 @@ def _log_softmax(z, xp):
     return shifted - xp.log(xp.exp(shifted).sum(-1, keepdims=True))
 
 
+def in_deadzone(y, d, xp=np):
+    """Outputs that count as no error in sse_half_deadzone: target 1 (on) and y > 1 - band, or
+    target 0 (off) and y < band (1986). Targets above 1/2 count as "on"; the test is one-sided, so an
+    identity output past its target is inside too. The loss jumps by band^2 / 2 at the band's edge."""
+    return xp.where(d > 0.5, y > d - DEADZONE_BAND, y < d + DEADZONE_BAND)
+
+
+def _deadzone_error(y, d, xp):
+    """y - d, with 0 for outputs inside their band: no error, so no gradient either."""
+    return xp.where(in_deadzone(y, d, xp), 0.0, y - d)
+
+
 LOSSES: dict[str, Loss] = {loss.name: loss for loss in (
     Loss("sse_half", lambda y, d, logits, xp: 0.5 * ((y - d) ** 2).sum((1, 2)), lambda y, d: y - d),
+    Loss("sse_half_deadzone", lambda y, d, logits, xp: 0.5 * (_deadzone_error(y, d, xp) ** 2).sum((1, 2)),
+         lambda y, d: _deadzone_error(y, d, np)),
     Loss("mse", lambda y, d, logits, xp: ((y - d) ** 2).mean((1, 2)),
          lambda y, d: (2.0 / (y.shape[1] * y.shape[2])) * (y - d)),
     Loss("cross_entropy", lambda y, d, logits, xp: -(d * _log_softmax(logits, xp)).sum(2).mean(1),

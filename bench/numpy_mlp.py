@@ -16,8 +16,17 @@ import contextlib
 import numpy as np
 
 from bench import losses
-from bench.activations import ACTIVATIONS, OUTPUTS
+from bench.activations import ACTIVATIONS, OUTPUTS, Activation
+from bench.losses import Loss
 from bench.spec import BN_EPS, BN_MOMENTUM, NetSpec
+
+
+def output_delta(loss: Loss, out: Activation, y: np.ndarray, z: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """delta_out = dLoss/dz^L = dLoss/dy * out'(z^L), or the loss's own dLoss/dz^L where it folds the
+    output's Jacobian in (softmax + cross-entropy: (y - d) / B). y = out(z), all (E, B, n_out)."""
+    if loss.fused_output == out.name:
+        return loss.dvalue(y, d)
+    return loss.dvalue(y, d) * out.dphi(z, y, np)
 
 
 class Layer:
@@ -157,14 +166,12 @@ class NumpyMLP:
     def loss_and_grads(self, x: np.ndarray, d: np.ndarray):
         """One training forward and backward: returns (loss (E,), outputs (E, B, n_out))."""
         y = self.forward(x, train=True)
-        out, loss = self.layers[-1], self.loss
-        delta_out = loss.dvalue(y, d)  # dLoss/dy, or dLoss/dz^L where the loss folds the output in
-        if loss.fused_output != out.act.name:
-            delta_out = delta_out * out.act.dphi(out.n, y, np)  # delta_out = dLoss/dy * out'(z^L)
+        out = self.layers[-1]
+        delta_out = output_delta(self.loss, out.act, y, out.n, d)
         grad = None
         for layer in reversed(self.layers):
             grad = layer.backward(grad, delta_out)
-        return loss.value(y, d, out.n, np), y
+        return self.loss.value(y, d, out.n, np), y
 
     def evaluate(self, x: np.ndarray, d: np.ndarray):
         """Evaluation-mode (running batch-norm statistics) loss (E,) and outputs."""

@@ -7,17 +7,22 @@ import itertools
 import numpy as np
 import pytest
 
-from bench.activations import ACTIVATIONS
+from bench.activations import ACTIVATIONS, OUTPUTS
 from bench.init import SCHEMES, init_params
-from bench.numpy_mlp import NumpyMLP
+from bench.losses import DEADZONE_BAND, in_deadzone
+from bench.losses import LOSSES as LOSS_NAMES
+from bench.numpy_mlp import NumpyMLP, output_delta
 from bench.record import STATS
 from bench.spec import NetSpec, TrainSpec
 from bench.tasks import Task, make_task
 from bench.train import train
 
 # (loss, output non-linearity) pairs a network can be built with
-LOSSES = [("sse_half", "sigmoid"), ("mse", "identity"), ("cross_entropy", "softmax")]
+LOSSES = [("sse_half", "sigmoid"), ("sse_half_deadzone", "sigmoid"), ("mse", "identity"),
+          ("cross_entropy", "softmax")]
+assert sorted(loss for loss, _ in LOSSES) == sorted(LOSS_NAMES), "every loss must be in the twin grid"
 GRID = list(itertools.product(ACTIVATIONS, (False, True), ("none", "batchnorm"), LOSSES))
+GRID_IDS = [f"{a}-{'residual' if r else 'plain'}-{n}-{loss}" for a, r, n, (loss, _) in GRID]  # for -k
 
 
 def _random_task(n_in=3, n_out=3, n=6, kind="regression", seed=0, output="identity", loss="mse"):
@@ -35,9 +40,16 @@ def _random_task(n_in=3, n_out=3, n=6, kind="regression", seed=0, output="identi
 
 
 def _fd_check(spec: NetSpec, loss: str, x, d, params, eps=1e-5):
-    """Max over parameters of ||g_fd - g|| / ||g_fd||, central differences on the summed member losses."""
+    """Max over parameters of ||g_fd - g|| / ||g_fd||, central differences on the summed member losses.
+
+    sse_half_deadzone jumps by band^2 / 2 where an output crosses its band's edge, so a central
+    difference across an edge measures the jump, not the gradient. Random data puts no output exactly
+    on an edge, but one could lie within the eps-sized nudge of it: every perturbed forward pass is
+    asserted to leave each output on the same side of its edge as at the base point.
+    """
     net = NumpyMLP(spec, params, loss)
-    net.loss_and_grads(x, d)
+    _, y0 = net.loss_and_grads(x, d)
+    inside0 = in_deadzone(y0, d)
     analytic = {k: v.copy() for k, v in net.grads.items()}
     mask = spec.first_layer_mask()
     worst = 0.0
@@ -49,10 +61,14 @@ def _fd_check(spec: NetSpec, loss: str, x, d, params, eps=1e-5):
                 continue  # a weight outside the blocks does not exist
             old = p[idx]
             p[idx] = old + eps
-            lp = net.loss_and_grads(x, d)[0].sum()
+            lp, yp = net.loss_and_grads(x, d)
             p[idx] = old - eps
-            lm = net.loss_and_grads(x, d)[0].sum()
+            lm, ym = net.loss_and_grads(x, d)
             p[idx] = old
+            lp, lm = lp.sum(), lm.sum()
+            if loss == "sse_half_deadzone":
+                assert np.array_equal(in_deadzone(yp, d), inside0), f"{name}{idx}: an output crossed a band edge"
+                assert np.array_equal(in_deadzone(ym, d), inside0), f"{name}{idx}: an output crossed a band edge"
             fd[idx] = (lp - lm) / (2 * eps)
         err = np.linalg.norm(fd - analytic[name]) / max(np.linalg.norm(fd), 1e-12)
         assert err <= 1e-6, f"{name}: relative error {err:.2e}"
@@ -60,13 +76,19 @@ def _fd_check(spec: NetSpec, loss: str, x, d, params, eps=1e-5):
     return worst
 
 
-@pytest.mark.parametrize("activation,residual,norm,loss_out", GRID)
+@pytest.mark.parametrize("activation,residual,norm,loss_out", GRID, ids=GRID_IDS)
 def test_backward_matches_finite_differences(activation, residual, norm, loss_out):
     loss, output = loss_out
     spec = NetSpec(3, 3, (4, 4, 4), activation, output, residual, norm)
     task = _random_task(output=output, loss=loss)
     # E = 2 members: the ensemble axis must not mix members' gradients
     params = init_params(spec, "normal", [1, 2], scale=0.7)
+    if loss == "sse_half_deadzone":
+        # larger output weights spread the outputs so that 19-50% of them start inside their band
+        # (at scale 0.7 alone, some grid points have none and the dead zone would go untested)
+        params["layers.3.weight"] = params["layers.3.weight"] * 4.0
+        y = NumpyMLP(spec, params, loss).forward(task.x_train[None])
+        assert 0 < in_deadzone(y, task.y_train[None]).mean() < 1
     # central differences with eps=1e-5 in float64: truncation ~eps^2 f''' ~ 1e-10 relative,
     # rounding ~1e-16 |loss| / eps ~ 1e-10 absolute per entry: both well below the 1e-6 the issue asks for
     _fd_check(spec, loss, task.x_train[None], task.y_train[None], params)
@@ -95,7 +117,7 @@ def _run_both(task, spec, tspec, seeds, scheme="normal", scale=0.8):
     return [train(task, spec, tspec, params, backend, seeds) for backend in ("numpy", "torch")]
 
 
-@pytest.mark.parametrize("activation,residual,norm,loss_out", GRID)
+@pytest.mark.parametrize("activation,residual,norm,loss_out", GRID, ids=GRID_IDS)
 def test_twins_agree_every_step(activation, residual, norm, loss_out):
     loss, output = loss_out
     task = _random_task(n=12, output=output, loss=loss, seed=5)
@@ -119,20 +141,64 @@ def test_twins_agree_every_step(activation, residual, norm, loss_out):
             assert _close(out_np.layers[col][la], out_t.layers[col][lb], 1e-9, 1e-14), f"{col} at step {s}"
 
 
-def test_twins_agree_family_trees_and_direct():
+@pytest.mark.parametrize("loss", ["sse_half", "sse_half_deadzone"])
+def test_twins_agree_family_trees_and_direct(loss):
     for task, spec in [
         (make_task("xor"), NetSpec(2, 1, (1,), "sigmoid", "sigmoid", direct=True)),
         (make_task("family_trees"),
          NetSpec(36, 24, (12, 12, 6), "sigmoid", "sigmoid", input_blocks=(24, 12), hidden_blocks=(6, 6))),
     ]:
+        # family trees: most targets are 0 and the outputs fall below 0.2 within these 50 sweeps, so
+        # the dead zone switches on for most outputs while the twins are compared
         tspec = TrainSpec(steps=50, lr=0.1, momentum=0.9, log_every=1, momentum_initial=0.5,
-                          initial_steps=20, lr_initial=0.05, weight_decay=0.002)
+                          initial_steps=20, lr_initial=0.05, weight_decay=0.002, loss=loss)
         out_np, out_t = _run_both(task, spec, tspec, [0, 1, 2], scheme="uniform", scale=0.3)
         for s in range(51):
             a, b = (o.layers["step"] == s for o in (out_np, out_t))
             assert _close(out_np.layers["grad_norm"][a], out_t.layers["grad_norm"][b], 1e-9), s
             assert _close(out_np.steps["loss"][out_np.steps["step"] == s],
                           out_t.steps["loss"][out_t.steps["step"] == s], 1e-9), s
+
+
+def test_deadzone_loss_counts_only_outputs_outside_their_band():
+    import torch
+
+    deadzone, sse_half, sigmoid = LOSS_NAMES["sse_half_deadzone"], LOSS_NAMES["sse_half"], OUTPUTS["sigmoid"]
+    # targets on, off, on, off; outputs right, right, wrong, wrong by the 1986 rule (on > 0.8, off < 0.2)
+    d = np.array([[[1.0, 0.0, 1.0, 0.0]]])
+    y = np.array([[[0.9, 0.1, 0.7, 0.3]]])
+    expected = 0.5 * (0.3 ** 2 + 0.3 ** 2)  # only the two wrong outputs count, as in sse_half
+    # 1e-15: the expected value is computed with other roundings than the loss (a few ulps of 0.09)
+    assert abs(deadzone.value(y, d, y, np)[0] - expected) < 1e-15
+    assert deadzone.value(y, d, y, np)[0] < sse_half.value(y, d, y, np)[0]
+    delta = output_delta(deadzone, sigmoid, y, y, d)
+    assert np.all(delta[..., :2] == 0.0), "outputs inside their band get no gradient"
+    assert np.array_equal(delta[..., 2:], output_delta(sse_half, sigmoid, y, y, d)[..., 2:])
+    t = deadzone.value(torch.tensor(y), torch.tensor(d), None, torch)  # the twin's loss: the same entry
+    assert float(t[0]) == deadzone.value(y, d, y, np)[0]
+    # the band is DEADZONE_BAND on each side of 0/1: just inside and just outside of both edges
+    tiny = 1e-9
+    y = np.array([[[1 - DEADZONE_BAND + tiny, 1 - DEADZONE_BAND - tiny,
+                    DEADZONE_BAND - tiny, DEADZONE_BAND + tiny]]])
+    d = np.array([[[1.0, 1.0, 0.0, 0.0]]])
+    assert in_deadzone(y, d).tolist() == [[[True, False, True, False]]]
+
+
+@pytest.mark.parametrize("loss", ["sse_half", "sse_half_deadzone"])
+def test_solved_step_is_first_sweep_with_every_output_right(loss):
+    """train() skips the solve check below a loss bound it knows (sse_half, mse); for a loss it has
+    no bound for (the dead zone: its loss is not sse_half's) it must check every sweep. Either way
+    solved_step must be the first step at which every training output is right."""
+    task = make_task("xor")
+    spec = NetSpec(2, 1, (2,), "sigmoid", "sigmoid")
+    tspec = TrainSpec(steps=400, lr=0.5, momentum=0.9, log_every=1, loss=loss)
+    seeds = list(range(8))
+    out = train(task, spec, tspec, init_params(spec, "uniform", seeds, scale=1.0), "numpy", seeds)
+    assert (out.solved_step >= 0).sum() >= 4, "most seeds solve XOR within 400 sweeps"
+    for k in seeds:
+        m = out.steps["member"] == k
+        right = out.steps["step"][m][out.steps["accuracy"][m] == 1.0]
+        assert out.solved_step[k] == (right.min() if len(right) else -1), k
 
 
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
