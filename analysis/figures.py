@@ -25,27 +25,23 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 
+from analysis.paper import (  # noqa: E402,F401  (figures.X is how the report reads them)
+    ACT_ORDER,
+    ARCH_ORDER,
+    BLOG_GRAD,
+    BLOG_LOSS,
+    FAMILY_TREES_SWEEPS,
+    NIELSEN,
+    PAPER_SWEEPS,
+    PROBLEMS,
+    sigma_w_label,
+)
+from bench.twin import LIMIT as LOCKSTEP_LIMIT  # noqa: E402  (the twin check's own bound)
+
 SINGLE, DOUBLE = 3.4, 7.0  # figure widths in inches: one and two columns of a paper
-ARCH_ORDER = ("plain", "residual", "batchnorm", "residual+bn")
-ACT_ORDER = ("sigmoid", "tanh", "relu", "softsign", "leaky_relu")
-PROBLEMS = ("xor", "parity", "encoder", "symmetry", "family_trees")  # the 1986 problems, paper order
 BAND_ALPHA = 0.2
 
-# The blog post's numbers (REFERENCES.md, "The seed"): loss at steps 0, 5,000, 10,000; final |grad|.
-BLOG_LOSS = {0: 0.318, 5000: 0.010, 10000: 0.0023}
-BLOG_GRAD = {2: 0.001217, 1: 0.000590}  # layer -> mean |grad W| at step 10,000
-# Papers' sweeps to solution (REFERENCES.md); parity's 2,825 are "presentations" in PDP ch. 8.
-PAPER_SWEEPS = {"xor": 558, "parity": 2825, "symmetry": 1425}
-FAMILY_TREES_SWEEPS = 1500  # trained for a fixed 1,500 sweeps: not a sweeps-to-criterion number
-# Nielsen ch. 5: ||dC/db^l|| per hidden layer at initialisation, MNIST, keyed by number of hidden layers.
-NIELSEN = {2: (0.07, 0.31), 3: (0.012, 0.060, 0.283), 4: (0.003, 0.017, 0.070, 0.285)}
-
 _THEME_SET = False
-
-
-def sigma_w_label(sigma_w: float) -> str:
-    """'1.5', or 'sqrt2 (He)' for sigma_w = sqrt(2) (He init's variance 2/fan_in), however it was typed."""
-    return "sqrt2 (He)" if abs(float(sigma_w) - np.sqrt(2)) < 1e-3 else f"{float(sigma_w):g}"
 
 
 def set_theme() -> None:
@@ -167,7 +163,7 @@ def theory_profile(activation: str, init: str, width: int, depth: int, n_in: int
     bias = None if init_bias is None or pd.isna(init_bias) else float(init_bias)
     sw2_1, sb2_1 = theory.init_variances(init, n_in, scale, bias, fan_out=width)
     sw2, sb2 = theory.init_variances(init, width, scale, bias, fan_out=width)
-    q1 = sw2_1 * mean_x2 + sb2_1
+    q1 = theory.input_q(sw2_1, sb2_1, mean_x2)
     if depth == 1:
         return np.ones(1)
     tail = theory.predicted_delta_profile(activation, sw2, sb2, depth - 1, q1)  # layers 2..depth
@@ -454,7 +450,6 @@ def twin_pairs(runs: pd.DataFrame, layers: pd.DataFrame, stat: str = "grad_norm"
 
 
 ARCH_COLS = ["activation", "residual", "norm", "depth"]  # what tells the twins' architectures apart
-LOCKSTEP_LIMIT = 1e-9  # bench.twin's float64 bound: one step's rounding is ~1e-15
 TINY = 1e-18  # exact zeros drawn here on the log axes (and said in the legend)
 
 

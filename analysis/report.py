@@ -61,10 +61,6 @@ class Figure:
     key: str | None = None  # file stem under --figures-dir (the README's few key figures), or None
 
 
-class Skip(Exception):
-    """A figure the data does not support; the message is the logged reason."""
-
-
 # ------------------------------------------------------------------------------ discovery and loading
 def resolve(path) -> Path:
     p = Path(path)

@@ -15,7 +15,7 @@ import pandas as pd
 from scipy.special import expit
 from scipy.stats import CensoredData, ecdf
 
-from analysis.figures import ACT_ORDER, NIELSEN, PAPER_SWEEPS, PROBLEMS, sigma_w_label
+from analysis.paper import ACT_ORDER, NIELSEN, PAPER_SWEEPS, PROBLEMS, sigma_w_label
 
 PAPER_TEXT = {
     "xor": "558 sweeps (eta 0.5, 1 hidden unit + direct connections; PDP ch. 8)",
@@ -301,7 +301,7 @@ def meanfield_table(runs: pd.DataFrame, layers: pd.DataFrame) -> pd.DataFrame:
         per_run = np.nanmedian(ratios, 1)
         sw2, sb2 = sw**2, sb**2
         x = make_task(task).x_train
-        q = theory.q_sequence(act, sw2, sb2, sw2 * float(np.mean(x * x)) + sb2, depth - 1)  # q^1..q^depth
+        q = theory.q_sequence(act, sw2, sb2, theory.input_q(sw2, sb2, float(np.mean(x * x))), depth - 1)
         path = np.median([theory.delta_ratio(act, sw2, sb2, q[l - 1]) for l in range(lo, hi + 1)])
         chi = theory.chi1(act, sw2, sb2)
         q25, q50, q75 = np.percentile(per_run, [25, 50, 75])

@@ -149,6 +149,12 @@ def fixed_point_q(activation, sw2: float, sb2: float, q0: float = 1.0, tol: floa
                        f"no fixed point within {max_iter} steps")
 
 
+def input_q(sw2: float, sb2: float, mean_x2: float) -> float:
+    """q^1 of a first layer that reads raw inputs x (no phi): sw2 * mean_j(x_j^2) + sb2."""
+    _check_nonneg(sw2=sw2, sb2=sb2, mean_x2=mean_x2)
+    return sw2 * mean_x2 + sb2
+
+
 def q_sequence(activation, sw2: float, sb2: float, q0: float, depth: int) -> np.ndarray:
     """q^l for l = 0..depth, shape (depth + 1,); q^0 = q0. At finite depth this is not q* yet."""
     act = get_activation(activation)

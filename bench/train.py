@@ -145,7 +145,7 @@ class LoggedMetrics:
                    the same number as batch_loss for full-batch nets without batch norm, reused then
     accuracy       on the whole training set, evaluation mode (binary and classification tasks)
     test_loss, test_accuracy  on the test set, evaluation mode (tasks with one)
-    Per-layer statistics (`net.layer_stats()`) come from this step's training backward pass.
+    Per-layer statistics (`bench.record.layer_stats`) come from this step's training backward pass.
     """
 
     def __init__(self, net, task: Task, spec: NetSpec, tspec: TrainSpec, record: bool = True):

@@ -24,11 +24,15 @@ LAYERS = [
     {"bench.theory", "bench.numpy_mlp", "bench.torch_mlp"},  # mean-field predictions; the two networks
     {"bench.train"},  # the loop shared by both networks
     {"bench.config"},  # the typed schema and its checks -> task and engine specs
-    {"analysis.figures", "analysis.tables"},  # results -> figures and tables
-    {"analysis.report"},
-    {"bench.cli", "bench.sweep"},  # one-line CLI errors; the Hydra sweep callback (writes the report)
-    {"bench.run", "bench.perf"},  # run(cfg) and @hydra.main; the speed suite
+    {"bench.cli"},  # config and input errors -> one line for the user
     {"bench.twin"},  # the lockstep check: composes a config and trains both networks
+    {"analysis.paper"},  # the sources' numbers, shared orders and labels
+    {"analysis.tables"},  # results -> tables
+    {"analysis.figures"},  # results -> figures (some read tables' summaries)
+    {"analysis.family_trees"},
+    {"analysis.report"},  # figures + tables -> report.md (runs the lockstep check on stored runs)
+    {"bench.sweep"},  # the Hydra sweep callback: summary lines, the report when a sweep ends
+    {"bench.run", "bench.perf"},  # run(cfg) and @hydra.main; the speed suite
 ]
 RANK = {module: rank for rank, layer in enumerate(LAYERS) for module in layer}
 

@@ -126,8 +126,9 @@ def test_sigmoid_delta_ratio_matches_mean_field_theory():
     # ||delta^l|| = ||dLoss/dz^l|| over the batch, per member: (E, depth), hidden layers l = 1..depth
     delta = np.stack([np.sqrt((layer.delta.reshape(len(seeds), -1) ** 2).sum(1)) for layer in net.layers[:depth]], 1)
     # the recorded statistic is this norm (bench.record's delta_norm, as the figures read it)
-    stats = net.layer_stats()  # (n_params, E, n_stats)
-    from bench.record import STATS
+    from bench.record import STATS, layer_stats
+
+    stats = layer_stats(net)  # (n_params, E, n_stats)
 
     rows = [r for r, (_, kind, layer, _) in enumerate(spec.params()) if kind == "weight" and layer <= depth]
     np.testing.assert_allclose(stats[rows, :, STATS.index("delta_norm")].T, delta, rtol=1e-12)  # summation order
