@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from analysis.figures import DOUBLE, set_theme
+from analysis.figures import DOUBLE, hinton_squares, set_theme
 
 PAPER_SWEEPS = 1500  # the paper trained for 1,500 sweeps and reports 4/4 held-out triples right
 SETTING = ["loss", "weight_decay", "init_scale", "lr"]  # what the scan varies (the rest is the paper's)
@@ -126,16 +126,9 @@ def person_weights_figure(params: dict, names: list[str], title: str | None = No
     wmax = np.abs(w).max()
     fig, axes = plt.subplots(1, 2, figsize=(DOUBLE, 2.1), sharey=True)
     for ax, m, who, label in zip(axes, w, (names[:12], names[12:]), ("English", "Italian")):
-        ax.set_facecolor("0.55")
-        for (i, j), v in np.ndenumerate(m):
-            side = np.sqrt(abs(v) / wmax) * 0.92
-            ax.add_patch(plt.Rectangle((j - side / 2, i - side / 2), side, side,
-                                       facecolor="white" if v > 0 else "black", edgecolor="none"))
-        ax.set(xlim=(-0.5, m.shape[1] - 0.5), ylim=(m.shape[0] - 0.5, -0.5), aspect="equal")
+        hinton_squares(ax, m, wmax)
         ax.set_xticks(range(m.shape[1]), who, rotation=60, ha="right")
         ax.set_yticks(range(m.shape[0]), [f"unit {u + 1}" for u in range(m.shape[0])])
-        ax.grid(False)
-        ax.tick_params(length=0)
         ax.set_title(label)
     if title:
         fig.suptitle(title, fontsize=8)

@@ -584,6 +584,18 @@ def time_to_solve(runs: pd.DataFrame) -> plt.Figure:
     return fig
 
 
+def hinton_squares(ax, m: np.ndarray, wmax: float) -> None:
+    """Matrix m as a Hinton diagram on ax: square area ~ |w| / wmax, white positive, black negative, on grey."""
+    ax.set_facecolor("0.55")
+    for (i, j), w in np.ndenumerate(m):
+        side = np.sqrt(abs(w) / wmax) * 0.92
+        ax.add_patch(plt.Rectangle((j - side / 2, i - side / 2), side, side,
+                                   facecolor="white" if w > 0 else "black", edgecolor="none"))
+    ax.set(xlim=(-0.5, m.shape[1] - 0.5), ylim=(m.shape[0] - 0.5, -0.5), aspect="equal")
+    ax.grid(False)
+    ax.tick_params(length=0)
+
+
 def hinton_weights(params: dict, title: str | None = None) -> plt.Figure:
     """Hinton diagram of a 1-hidden-layer net (the 6-2-1 symmetry net): squares of area ~ |w|, white
     positive, black negative, on grey. Left: hidden units' input weights and bias; right: the output's."""
@@ -601,16 +613,9 @@ def hinton_weights(params: dict, title: str | None = None) -> plt.Figure:
                               (axes[1], right, ["out"] if right.shape[0] == 1 else
                                [f"y{i + 1}" for i in range(right.shape[0])],
                                [f"h{i + 1}" for i in range(w2.shape[0])] + ["bias"])):
-        ax.set_facecolor("0.55")
-        for (i, j), w in np.ndenumerate(m):
-            side = np.sqrt(abs(w) / wmax) * 0.92
-            ax.add_patch(plt.Rectangle((j - side / 2, i - side / 2), side, side,
-                                       facecolor="white" if w > 0 else "black", edgecolor="none"))
-        ax.set(xlim=(-0.5, m.shape[1] - 0.5), ylim=(m.shape[0] - 0.5, -0.5), aspect="equal")
+        hinton_squares(ax, m, wmax)
         ax.set_xticks(range(m.shape[1]), cols)
         ax.set_yticks(range(m.shape[0]), rows)
-        ax.grid(False)
-        ax.tick_params(length=0)
     axes[0].set_title("input -> hidden")
     axes[1].set_title("hidden -> output")
     if title:

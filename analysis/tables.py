@@ -243,6 +243,13 @@ def rumelhart_table(runs: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     return pd.DataFrame(rows), note
 
 
+def _at_initialisation(runs: pd.DataFrame, layers: pd.DataFrame, init: str, param: str):
+    """The runs drawn with `init`, and their step-0 layer rows of `param` with each run's depth."""
+    r = runs[runs["init"] == init]
+    ly = layers[(layers["step"] == 0) & (layers["param"] == param) & layers["run_id"].isin(r["run_id"])]
+    return r, ly.merge(r[["run_id", "depth"]], on="run_id")
+
+
 # ------------------------------------------------------------------------------ Nielsen
 NIELSEN_NOTE = (
     "Ours: ||dC/db^l|| at initialisation over a mini-batch of 1,000 training images (a random one per seed), "
@@ -254,9 +261,7 @@ NIELSEN_NOTE = (
 
 
 def nielsen_table(runs: pd.DataFrame, layers: pd.DataFrame) -> pd.DataFrame:
-    r = runs[runs["init"] == "nielsen"]
-    ly = layers[(layers["step"] == 0) & (layers["param"] == "bias") & layers["run_id"].isin(r["run_id"])]
-    ly = ly.merge(r[["run_id", "depth"]], on="run_id")
+    _, ly = _at_initialisation(runs, layers, "nielsen", "bias")
     ly = ly[ly["layer"] <= ly["depth"]]
     rows = []
     for (depth, layer), g in ly.groupby(["depth", "layer"]):
@@ -289,9 +294,7 @@ def meanfield_table(runs: pd.DataFrame, layers: pd.DataFrame) -> pd.DataFrame:
     from bench import theory
     from bench.tasks import make_task
 
-    r = runs[runs["init"] == "meanfield"]
-    ly = layers[(layers["step"] == 0) & (layers["param"] == "weight") & layers["run_id"].isin(r["run_id"])]
-    ly = ly.merge(r[["run_id", "depth"]], on="run_id")
+    r, ly = _at_initialisation(runs, layers, "meanfield", "weight")
     rows = []
     keys = ["task", "activation", "depth", "width", "init_scale", "init_bias"]
     for (task, act, depth, width, sw, sb), g in r.fillna({"init_scale": 1.0, "init_bias": 0.0}).groupby(keys):
