@@ -139,7 +139,9 @@ def test_activation_entry_serves_both_array_modules(name):
     # the NumPy backward's phi' (from z and h) against autograd's: rounding only (1 - h^2 vs
     # autograd's own tanh' formula), and both give phi'(0) = 0 for relu as torch.relu does
     np.testing.assert_allclose(act.dphi(z, h, np), zt.grad.numpy(), rtol=1e-12, atol=1e-15, err_msg=name)
-    assert act.dphi(z, h, np).max() == pytest.approx(act.dphi_max, rel=1e-9), name  # its largest slope
+    # its largest slope: never exceeded on the grid, and reached to 1e-3 (the built-ins peak at 0, on the
+    # grid; a smooth peak between grid points is missed by O(spacing^2) ~ 1e-3 at most)
+    assert act.dphi_max * (1 - 1e-3) <= act.dphi(z, h, np).max() <= act.dphi_max * (1 + 1e-12), name
     for dtype in (np.float32, np.float64):  # phi and phi' keep the network's dtype
         z32 = z.astype(dtype)
         assert act.phi(z32, np).dtype == dtype and act.dphi(z32, act.phi(z32, np), np).dtype == dtype, name
