@@ -278,11 +278,3 @@ def estimate_bytes(net: NetSpec, train: TrainSpec, task: Task, members: int) -> 
     activations = 8 * batch * units
     return members * itemsize * (4 * n_params + activations)
 
-
-def available_memory_bytes() -> float:
-    """What the OS says is available now (MemAvailable), or inf where it does not say."""
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
-    except (OSError, StopIteration):
-        return math.inf

@@ -276,7 +276,8 @@ def largest_ensemble(task, spec, tspec, fraction=0.7):
     """Members that fit in `fraction` of available memory: by bench.config.estimate_bytes, and measured."""
     import tracemalloc
 
-    from bench.config import available_memory_bytes, estimate_bytes
+    from bench.config import estimate_bytes
+    from bench.guard import available_memory_bytes
 
     avail = available_memory_bytes()
     per_member_est = estimate_bytes(spec, tspec, task, 1)

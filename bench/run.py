@@ -1,22 +1,19 @@
 """`python -m bench.run`: train one config (or a `-m` sweep of them) and write its parquet results.
 
-`run(cfg)` is a plain function (tests call it with a composed config); `main()` wraps it in Hydra
-and turns any bad input into one line on stderr and a non-zero exit: 2 for a bad config (nothing is
-written, and Hydra's log folder for the refused job is removed), 1 when results cannot be written
-(disk full, read-only, not a directory), 130 on Ctrl-C (finished jobs are kept; rerun to resume).
-One job trains the config's `ensemble` members at once; each member is a run with its own run_id
-(see `bench.results`). Members whose run already has complete results are skipped unless
-`overwrite=true`, so rerunning a sweep finishes only what is missing.
+`run(cfg)` is a plain function (tests call it with a composed config) that does one job: refuse what
+cannot fit (bench.guard), skip members whose run already has complete results (unless
+`overwrite=true`), train the rest as one ensemble, and write one row per run to the tables of
+bench.results. `main()` only wraps it in Hydra; what a user sees when something is wrong is
+bench.cli's, and the sweep-level callback is bench.sweep's. Each ensemble member is a run with its
+own run_id (see `bench.results`), so rerunning a sweep finishes only what is missing.
 """
 
 from __future__ import annotations
 
-import errno
+import json
 import logging
 import os
-import shutil
 import subprocess
-import sys
 import time
 import traceback
 from functools import lru_cache
@@ -24,26 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from bench import results
-from bench.config import (
-    CONF_DIR,
-    SCHEMAS,
-    ConfigError,
-    _enum,
-    available_memory_bytes,
-    estimate_bytes,
-    register,
-    unknown_key_message,
-    validate,
-)
+from bench import cli, results
+from bench.config import CONF_DIR, ConfigError, _enum, register
+from bench.guard import preflight
 from bench.init import init_params
 from bench.train import train
 
 log = logging.getLogger("bench")
 NON_SEMANTIC = ("report", "max_memory_gb")  # beyond results.SEMANTIC_EXCLUDE: launch-time settings
+FILLED_ON_WRITE = ("job_id", "schema_version", "created_at")  # runs columns bench.results fills in
+SMALL_NET = 1000  # final parameters of nets up to this size are kept in runs.params_json (Hinton diagrams)
 
 
 @lru_cache(maxsize=1)
@@ -91,51 +80,6 @@ def semantic_config(cfg: DictConfig, net, tspec) -> dict[str, Any]:
     return c
 
 
-def _memory_limit_bytes(cfg: DictConfig) -> float:
-    if cfg.max_memory_gb is not None:
-        return cfg.max_memory_gb * 2**30
-    return 0.7 * available_memory_bytes()  # 70% of what the OS says is available now
-
-
-def _size(n: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.{1 if n >= 10 * scale else 2}f} {unit}"
-    return f"{n:.0f} B"
-
-
-class ResultsWriteError(OSError):
-    """Results could not be written (disk full, read-only, not a directory): one line for the user."""
-
-
-class _Progress:
-    """A tqdm bar on a terminal, or a log line every ~10% of the steps when output is not a TTY."""
-
-    def __init__(self, mode: str, total: int, desc: str):
-        if mode == "auto":
-            mode = "bar" if sys.stderr.isatty() else "log"
-        self.mode, self.total, self.desc, self.done, self.next_log = mode, total, desc, 0, 0
-        self.bar = None
-        if mode == "bar":
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, leave=False, unit="step", dynamic_ncols=True)
-
-    def __call__(self, step: int, losses: np.ndarray) -> None:
-        loss = float(np.nanmedian(losses)) if np.isfinite(losses).any() else float("nan")
-        if self.bar is not None:
-            self.bar.update(step - self.done)
-            self.bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
-        elif self.mode == "log" and (step >= self.next_log or step == self.total):
-            log.info("%s step %d/%d loss %.4g", self.desc, step, self.total, loss)
-            self.next_log = step + max(1, self.total // 10)
-        self.done = step
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _describe(cfg: DictConfig, net) -> str:
     arch = "+".join(x for x in (_enum(cfg.model.activation), "res" if net.residual else "",
                                 "bn" if net.norm == "batchnorm" else "") if x)
@@ -144,7 +88,7 @@ def _describe(cfg: DictConfig, net) -> str:
 
 def run(cfg: DictConfig) -> dict[str, int]:
     """Train the config's ensemble and write its results; returns counts of trained/skipped/failed runs."""
-    task, net, tspec = validate(cfg)
+    task, net, tspec = preflight(cfg)
     semantic = semantic_config(cfg, net, tspec)
     members = [dict(semantic, seed=cfg.seed + k) for k in range(cfg.ensemble)]
     ids = [results.run_id(m) for m in members]
@@ -155,14 +99,6 @@ def run(cfg: DictConfig) -> dict[str, int]:
     if not todo:
         log.info("%s: all %d runs already complete, skipped", desc, cfg.ensemble)
         return {"trained": 0, "skipped": cfg.ensemble, "failed": 0}
-    need = estimate_bytes(net, tspec, task, len(todo))
-    limit = _memory_limit_bytes(cfg)
-    if need > limit:
-        # refused before anything is initialised or written (see estimate_bytes for what is counted)
-        raise ConfigError(f"ensemble={cfg.ensemble} ({len(todo)} to train) x model widths {list(net.widths)} "
-                          f"needs about {_size(need)}, over the {_size(limit)} limit "
-                          f"({'max_memory_gb' if cfg.max_memory_gb is not None else '70% of available memory'}): "
-                          f"lower ensemble, width or train.batch_size, or raise max_memory_gb")
     seeds = [cfg.seed + k for k in todo]
     # the job is what is trained now: the same config with another set of missing members is another job
     job = results.job_id(dict(semantic, ensemble=cfg.ensemble, members=[ids[k] for k in todo]))
@@ -172,7 +108,7 @@ def run(cfg: DictConfig) -> dict[str, int]:
                           f"{results.SCHEMA_VERSION}); rerunning would replace them: move {exp_dir} away "
                           f"or choose another name")
     threads = _threads_for_launcher()
-    progress = _Progress(_enum(cfg.progress), tspec.steps, desc)
+    progress = cli.Progress(_enum(cfg.progress), tspec.steps, desc)
     t0 = time.perf_counter()
     try:
         params = init_params(net, _enum(cfg.model.init), seeds, cfg.model.init_scale, cfg.model.init_bias)
@@ -195,13 +131,13 @@ def run(cfg: DictConfig) -> dict[str, int]:
         log.error("%s failed: %s\n%s", desc, error, traceback.format_exc())
     finally:
         progress.close()
-    runs, steps, layers = _tables(cfg, net, tspec, members, ids, todo, job, out, error,
+    runs, steps, layers = _tables(cfg, net, tspec, members, ids, todo, out, error,
                                   time.perf_counter() - t0)
     try:
         results.write_job(exp_dir, job, runs, steps, layers)
     except OSError as e:  # write_job leaves no partial file and the job uncommitted: a rerun redoes it
-        raise ResultsWriteError(e.errno, f"could not write results to {exp_dir}: "
-                                f"{e.strerror or e}") from e
+        raise cli.ResultsWriteError(e.errno, f"could not write results to {exp_dir}: "
+                                    f"{e.strerror or e}") from e
     status = runs["status"]
     counts = {"trained": sum(s != "failed" for s in status), "skipped": cfg.ensemble - len(todo),
               "failed": sum(s == "failed" for s in status)}
@@ -211,10 +147,9 @@ def run(cfg: DictConfig) -> dict[str, int]:
     return counts
 
 
-def _tables(cfg, net, tspec, members, ids, todo, job, out, error, wall):
-    """The three tables' columns for the members trained in this job."""
-    import json
-
+def _tables(cfg, net, tspec, members, ids, todo, out, error, wall):
+    """The three tables' columns for the members trained in this job. The runs columns are the
+    results schema's, in its order: a column added there and not given a value here fails loudly."""
     E = len(todo)
     m, t = cfg.model, cfg.train
     final = out.final if out is not None else {}
@@ -223,43 +158,47 @@ def _tables(cfg, net, tspec, members, ids, todo, job, out, error, wall):
         v = final.get(key)
         return [None] * E if v is None else [None if not np.isfinite(x) else float(x) for x in v]
 
-    runs = {
-        "run_id": [ids[k] for k in todo], "name": [cfg.name] * E, "experiment": [_hydra_choice("experiment")] * E,
-        "backend": [_enum(cfg.backend)] * E, "task": [cfg.task.name] * E,
-        "activation": [net.activation] * E, "depth": [net.depth] * E, "width": [net.widths[0]] * E,
-        "widths": [json.dumps(list(net.widths))] * E, "residual": [net.residual] * E, "norm": [net.norm] * E,
-        "init": [_enum(m.init)] * E, "init_scale": [m.init_scale] * E, "init_bias": [m.init_bias] * E,
-        "lr": [t.lr] * E, "momentum": [t.momentum] * E, "weight_decay": [t.weight_decay] * E,
-        "batch_size": [t.batch_size] * E, "loss": [tspec.loss] * E, "steps": [t.steps] * E,
-        "log_every": [cfg.log.every] * E, "seed": [cfg.seed + k for k in todo], "member": todo,
-        "ensemble": [cfg.ensemble] * E, "dtype": [tspec.dtype] * E, "device": [tspec.device] * E,
+    def steps_or_none(a):  # -1 marks "never" in TrainOutput
+        return [None] * E if out is None else [int(s) if s >= 0 else None for s in a]
+
+    shared = {  # the same for every member of the job
+        "name": cfg.name, "experiment": _hydra_choice("experiment"), "backend": _enum(cfg.backend),
+        "task": cfg.task.name, "activation": net.activation, "depth": net.depth, "width": net.widths[0],
+        "widths": json.dumps(list(net.widths)), "residual": net.residual, "norm": net.norm,
+        "init": _enum(m.init), "init_scale": m.init_scale, "init_bias": m.init_bias, "lr": t.lr,
+        "momentum": t.momentum, "weight_decay": t.weight_decay, "batch_size": t.batch_size, "loss": tspec.loss,
+        "steps": t.steps, "log_every": cfg.log.every, "ensemble": cfg.ensemble, "dtype": tspec.dtype,
+        "device": tspec.device, "error": error, "wall_time_s": wall / E, "git_commit": git_commit(),
+    }
+    per_run = {  # one value per member
+        "run_id": [ids[k] for k in todo], "seed": [cfg.seed + k for k in todo], "member": todo,
         "status": out.status if out is not None else ["failed"] * E,
-        "diverged_step": [None] * E if out is None else [int(s) if s >= 0 else None for s in out.diverged_step],
-        "error": [error] * E,
+        "diverged_step": steps_or_none(out.diverged_step if out is not None else None),
         "final_loss": [float("nan") if v is None else v for v in per_member("loss")],
         "final_accuracy": per_member("accuracy"), "final_test_loss": per_member("test_loss"),
         "final_test_accuracy": per_member("test_accuracy"),
-        "solved_step": [None] * E if out is None else [int(s) if s >= 0 else None for s in out.solved_step],
-        "wall_time_s": [wall / E] * E,
-        "config_json": [json.dumps(members[k], sort_keys=True) for k in todo],
-        "params_json": _params_json(out, E), "git_commit": [git_commit()] * E,
+        "solved_step": steps_or_none(out.solved_step if out is not None else None),
+        "config_json": [json.dumps(members[k], sort_keys=True) for k in todo], "params_json": _params_json(out, E),
     }
+    runs = {n: per_run[n] if n in per_run else [shared[n]] * E
+            for n in results.SCHEMAS["runs"].names if n not in FILLED_ON_WRITE}
     if out is None:
         return runs, _empty("steps"), _empty("layers")
     rid = np.array([ids[k] for k in todo], dtype=object)
-    steps = {"run_id": rid[out.steps["member"]], **{k: v for k, v in out.steps.items() if k != "member"}}
+    steps = _rows_of(out.steps, rid, "steps")
     for k in ("accuracy", "test_loss", "test_accuracy"):
         steps.setdefault(k, np.full(len(steps["run_id"]), np.nan))
-    layers = {"run_id": rid[out.layers["member"]], **{k: v for k, v in out.layers.items() if k != "member"}}
-    return runs, steps, layers
+    return runs, steps, _rows_of(out.layers, rid, "layers")
 
 
-SMALL_NET = 1000  # final parameters of nets up to this size are kept in runs.params_json (Hinton diagrams)
+def _rows_of(cols: dict, rid: np.ndarray, table: str) -> dict:
+    """Recorder columns (member index) -> table columns (run_id)."""
+    if not cols or not len(cols.get("member", ())):
+        return _empty(table)
+    return {"run_id": rid[cols["member"].astype(np.intp)], **{k: v for k, v in cols.items() if k != "member"}}
 
 
 def _params_json(out, E: int) -> list[str | None]:
-    import json
-
     if out is None or sum(v[0].size for v in out.params.values()) > SMALL_NET:
         return [None] * E
     return [json.dumps({k: v[i].tolist() for k, v in out.params.items()}) for i in range(E)]
@@ -269,162 +208,21 @@ def _empty(table: str) -> dict[str, list]:
     return {n: [] for n in results.SCHEMAS[table].names if n != "job_id"}
 
 
-class SweepSummary(Callback):
-    """Hydra callback: a sweep-level line after each job and at the end (runs done / skipped / failed)."""
-
-    def __init__(self) -> None:
-        self.totals = {"trained": 0, "skipped": 0, "failed": 0}
-        self.jobs = 0
-
-    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        self.jobs += 1
-        ret = getattr(job_return, "_return_value", None)
-        if isinstance(ret, dict):
-            for k in self.totals:
-                self.totals[k] += ret.get(k, 0)
-        elif getattr(job_return, "status", None) is not None and job_return.status.name == "FAILED":
-            self.totals["failed"] += config.get("ensemble", 1)
-        log.info("[sweep] %d jobs finished: %d runs trained, %d skipped, %d failed",
-                 self.jobs, self.totals["trained"], self.totals["skipped"], self.totals["failed"])
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        exp_dir = results.experiment_dir(config.results_dir, config.name)
-        done = results.completed_run_ids(exp_dir)
-        log.info("[sweep] done: %d complete runs in %s", len(done), exp_dir)
-        if config.get("report"):
-            _report(exp_dir)
-
-    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if config.get("report"):
-            _report(results.experiment_dir(config.results_dir, config.name))
-
-
-def _report(exp_dir: Path) -> None:
-    from analysis.report import make_report
-
-    out = make_report(exp_dir)
-    log.info("[report] %s", out)
-
-
-register()
-
-
 def task_function(cfg: DictConfig) -> dict[str, int]:
     """What Hydra runs for each job. Module-level, so launchers that pickle it (joblib, submitit)
     pickle a reference to `bench.run.task_function`."""
-    # SystemExit passes through Hydra untouched: one line, no "Error executing job" block
-    try:
-        return run(cfg)
-    except ConfigError as e:
-        _discard_job_dir(cfg)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except ResultsWriteError as e:
-        print(f"error: {e.strerror}", file=sys.stderr)
-        sys.exit(1)
-
-
-def _discard_job_dir(cfg: DictConfig) -> None:
-    """Remove the folder Hydra made for a refused job (its config and log, no results), and the
-    then-empty folders above it up to results_dir, so bad input leaves the tree as it found it."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        out = Path(HydraConfig.get().runtime.output_dir).resolve()
-    except (ValueError, ImportError):  # not under Hydra: nothing was made
-        return
-    root = Path(cfg.results_dir).resolve()
-    if root not in out.parents or ".hydra" not in out.relative_to(root).parts:
-        return  # hydra.run.dir pointed elsewhere: not ours to remove
-    shutil.rmtree(out, ignore_errors=True)  # the open log file goes with it (POSIX unlinks open files)
-    for p in out.parents:
-        if p == root:
-            break
-        try:
-            p.rmdir()  # only if empty
-        except OSError:
-            break
+    return cli.job_or_exit(run, cfg)
 
 
 def _hydra_main() -> None:
     import hydra
 
+    register()  # the typed schema, before Hydra composes anything
     hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(task_function)()
 
 
-_SCHEMAS_BY_NAME = {schema.__name__: schema for schema in SCHEMAS}
-
-
-def one_line(e: BaseException) -> str:
-    """The user-facing line for a config or input error: Hydra's and OmegaConf's are multi-line."""
-    import dataclasses
-
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
-
-    cause = e
-    while cause.__cause__ is not None and not isinstance(cause, ConfigError):
-        cause = cause.__cause__
-    schema = _SCHEMAS_BY_NAME.get(getattr(cause, "object_type_str", None) or "")
-    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and schema is not None:
-        return "error: " + unknown_key_message(cause.full_key or "", [f.name for f in dataclasses.fields(schema)])
-    if isinstance(cause, OmegaConfBaseException):
-        msg = str(cause).splitlines()[0].strip()
-        key = getattr(cause, "full_key", None)
-        return f"error: {key + ': ' if key and key not in msg else ''}{msg}"
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    if lines and "Available options" in str(e):  # an unknown group option: list the valid ones
-        head = lines[0].replace("In 'config': ", "")
-        options = []
-        for line in lines[2:]:
-            if line.startswith("Config search path"):
-                break
-            if not line.endswith("_schema"):  # the typed schemas behind the YAML files
-                options.append(line)
-        return f"error: {head}; valid choices: {', '.join(options)}"
-    if isinstance(e, ConfigError) or not lines:
-        return f"error: {str(e).strip() or type(e).__name__}"
-    return "error: " + "; ".join(lines[:3])
-
-
-def os_error_line(e: OSError) -> str:
-    """One line for an OSError met while writing (Hydra's job folder or our results)."""
-    if isinstance(e, ResultsWriteError):
-        return f"error: {e.strerror}"
-    path = Path(e.filename) if e.filename else None
-    if path is not None and e.errno in (errno.ENOTDIR, errno.EEXIST):
-        for p in path.parents:  # the first existing ancestor is a file where a folder is needed
-            if p.exists():
-                if not p.is_dir():
-                    return f"error: could not write results to {path}: {p} is a file, not a directory; " \
-                           f"choose another results_dir or name"
-                break
-    where = f" to {path}" if path is not None else ""
-    return f"error: could not write{where}: {e.strerror or e}; free space or choose a writable results_dir"
-
-
-def _multirun_flag_first(argv: list[str]) -> list[str]:
-    """`python -m bench.run a=1 -m b=2,3` fails in argparse (overrides after a flag): move -m first."""
-    flags = [a for a in argv[1:] if a in ("-m", "--multirun")]
-    return argv[:1] + flags + [a for a in argv[1:] if a not in ("-m", "--multirun")] if flags else argv
-
-
 def main() -> None:
-    os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us, to print one line instead of Hydra's block
-    sys.argv = _multirun_flag_first(sys.argv)
-    try:
-        _hydra_main()
-    except KeyboardInterrupt:
-        print("interrupted: finished runs are saved; run the same command again to resume "
-              "(complete runs are skipped)", file=sys.stderr)
-        sys.exit(130)
-    except Exception as e:  # bad input: one line, non-zero exit; results on disk are untouched
-        from hydra.errors import HydraException
-
-        if isinstance(e, OSError) and not isinstance(e, HydraException):  # Hydra's missing config is an IOError
-            print(os_error_line(e), file=sys.stderr)  # a failing write (disk full, a file in the way)
-            sys.exit(1)
-        print(one_line(e), file=sys.stderr)
-        sys.exit(2)
+    cli.main(_hydra_main)
 
 
 if __name__ == "__main__":

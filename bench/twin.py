@@ -119,8 +119,9 @@ def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from bench.run import CONF_DIR
+    from bench.config import CONF_DIR, register
 
+    register()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
@@ -162,7 +163,7 @@ def summary_line(table: pd.DataFrame) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.run import one_line
+    from bench.cli import one_line
 
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):

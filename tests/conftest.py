@@ -17,7 +17,9 @@ CONF = str(ROOT / "conf")
 
 def compose_cfg(overrides=(), results_dir=None):
     """The composed job config for `overrides`, as @hydra.main would build it (no sweep syntax)."""
-    import bench.run  # noqa: F401  (registers the schema in the ConfigStore)
+    from bench.config import register
+
+    register()  # the typed schema in Hydra's ConfigStore, as `python -m bench.run` does first
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):

@@ -24,7 +24,7 @@ LAYERS = [
     {"bench.theory", "bench.numpy_mlp", "bench.torch_mlp"},  # mean-field predictions; the two networks
     {"bench.train"},  # the loop shared by both networks
     {"bench.config"},  # the typed schema and its checks -> task and engine specs
-    {"bench.cli"},  # config and input errors -> one line for the user
+    {"bench.cli", "bench.guard"},  # errors as one line, progress; memory refusal before a job starts
     {"bench.twin"},  # the lockstep check: composes a config and trains both networks
     {"analysis.paper"},  # the sources' numbers, shared orders and labels
     {"analysis.tables"},  # results -> tables
