@@ -108,7 +108,8 @@ class TrainSpec:
     """How to train: 1986 SGD with momentum, dw(t) = -lr dE/dw + momentum dw(t-1).
 
     The values a run gets come from the config (bench.config holds the defaults); the defaults here
-    only switch optional features off (no momentum, no schedule, no decay, full batch, float64 on cpu).
+    only switch optional features off (no momentum, no schedule, no decay, full batch, statistics at
+    every step, float64 on cpu).
     """
 
     steps: int
@@ -120,7 +121,7 @@ class TrainSpec:
     weight_decay: float = 0.0  # after each update every parameter is multiplied by (1 - weight_decay)
     batch_size: int | None = None  # None: full batch (a 1986 "sweep")
     loss: str = "sse_half"  # a key of bench.losses.LOSSES
-    log_every: int = 100  # statistics at steps 0, k, 2k, ... and always the last step
+    log_every: int = 1  # statistics at steps 0, k, 2k, ... and always the last step (1: every step)
     dtype: str = "float64"
     device: str = "cpu"
 
