@@ -141,14 +141,28 @@ class TorchMLP(nn.Module):
             a = layer(a, x, train, record)
         return a
 
-    def loss_and_grads(self, x: torch.Tensor, d: torch.Tensor, record: bool = False):
-        """One training forward and backward: (loss (E,), outputs (E, B, n_out)), grads in `grads`."""
+    def loss_and_grads(self, x: torch.Tensor, d: torch.Tensor, record: bool = False, output_delta=None):
+        """One training forward and backward: (loss (E,), outputs (E, B, n_out)), grads in `grads`.
+
+        output_delta (lockstep only): backpropagate this dLoss/dz^L (E, B, n_out) instead of autograd's
+        own, which is kept in `self.output_delta` for a separate comparison. Where a net is confidently
+        right, y - d cancels (p_target = 1 - 1e-12 gives a delta ~1e-12 with rounding ~1e-16), so two
+        engines' output deltas differ relatively by ~1e-4 though both are right; starting both backward
+        passes from one delta keeps the comparison of the rest of the backward pass sharp.
+        """
         for p in self.params.values():
             p.grad = None
         y = self.forward(x, train=True, record=record)
-        losses = loss_value(self.loss, y, d, self.layers[-1].n)
+        out = self.layers[-1]
+        losses = loss_value(self.loss, y, d, out.n)
         # members are independent, so the gradient of the sum is each member's own gradient
-        losses.sum().backward()
+        if output_delta is None:
+            losses.sum().backward()
+        else:
+            (self.output_delta,) = torch.autograd.grad(losses.sum(), out.z, retain_graph=True)
+            for layer in self.layers:  # autograd.grad also filled the retained z.grad: start them afresh
+                layer.z.grad = None
+            out.z.backward(self.asarray(output_delta))
         return losses.detach(), y.detach()
 
     @property
