@@ -42,6 +42,11 @@ NIELSEN = {2: (0.07, 0.31), 3: (0.012, 0.060, 0.283), 4: (0.003, 0.017, 0.070, 0
 _THEME_SET = False
 
 
+def sigma_w_label(sigma_w: float) -> str:
+    """'1.5', or 'sqrt2 (He)' for sigma_w = sqrt(2) (He init's variance 2/fan_in), however it was typed."""
+    return "sqrt2 (He)" if abs(float(sigma_w) - np.sqrt(2)) < 1e-3 else f"{float(sigma_w):g}"
+
+
 def set_theme() -> None:
     """The one theme of every figure (seaborn "paper" context, sized for a 3.4 in column)."""
     global _THEME_SET
@@ -176,7 +181,8 @@ def gradient_profile(runs: pd.DataFrame, layers: pd.DataFrame, stat: str = "delt
     """`stat` of `param` rows vs layer index at step 0: a panel per activation x arch, a line per depth.
 
     inputs: {task: (n_in, mean x^2)} for the mean-field overlay (dashed, plain nets only, normalised to
-    the measured median at the last hidden layer); reference: {depth: values per hidden layer} drawn as
+    the measured median at the last hidden layer). The theory predicts delta norms, so the overlay is
+    drawn only when stat == "delta_norm": a weight gradient also carries the activation norms; reference: {depth: values per hidden layer} drawn as
     markers (Nielsen's numbers). Needs a single init in `runs`.
     """
     set_theme()
@@ -208,7 +214,8 @@ def gradient_profile(runs: pd.DataFrame, layers: pd.DataFrame, stat: str = "delt
                 q = quartiles(d, ["layer"], stat)
                 _band(ax, q["layer"], q, palette[depth], label=f"{depth}", marker="." if depth <= 5 else None)
                 row = d.iloc[0]
-                if theory and arch == "plain" and inputs is not None and row["task"] in inputs and depth > 1:
+                if (theory and stat == "delta_norm" and arch == "plain" and inputs is not None
+                        and row["task"] in inputs and depth > 1):
                     n_in, mean_x2 = inputs[row["task"]]
                     pred = theory_profile(act, row["init"], int(row["width"]), depth, n_in, mean_x2,
                                           row["init_scale"], row["init_bias"])
@@ -245,37 +252,43 @@ def gradient_profile(runs: pd.DataFrame, layers: pd.DataFrame, stat: str = "delt
 
 # ------------------------------------------------------------------------------ first/last ratio
 def gradient_ratio(runs: pd.DataFrame, layers: pd.DataFrame, stat: str = "grad_norm") -> plt.Figure:
-    """||grad W^1|| / ||grad W^out|| at step 0 vs depth: hue = activation, line style = arch, a panel per init."""
+    """||grad W^1|| / ||grad W^out|| at step 0 vs depth: hue = activation, line style = arch, a panel per
+    (task, init): tasks are never pooled into one median (their inputs and losses differ)."""
     set_theme()
     r = with_arch(runs)
     ly = layers[(layers["step"] == 0) & (layers["param"] == "weight")]
-    ly = join_runs(ly, r, ["activation", "arch", "depth", "init"])
+    ly = join_runs(ly, r, ["activation", "arch", "depth", "init", "task"])
     first = ly[ly["layer"] == 1].set_index("run_id")[stat]
     last = ly[ly["layer"] == ly["depth"] + 1].set_index("run_id")[stat]
     ratio = (first / last).rename("ratio").reset_index()
-    ratio = ratio.merge(r[["run_id", "activation", "arch", "depth", "init"]], on="run_id")
+    ratio = ratio.merge(r[["run_id", "activation", "arch", "depth", "init", "task"]], on="run_id")
     ratio = ratio[np.isfinite(ratio["ratio"]) & (ratio["ratio"] > 0)]
     _require(ratio, "the first/last gradient ratio")
     if ratio["depth"].nunique() < 2:
         raise ValueError("the first/last gradient ratio needs at least two depths")
-    inits = _order(ratio["init"], ())
+    panels = sorted(set(zip(ratio["task"], ratio["init"])))
     acts = _order(ratio["activation"], ACT_ORDER)
     archs = _order(ratio["arch"], ARCH_ORDER)
     styles = dict(zip(ARCH_ORDER, ("-", "--", ":", "-.")))
     colors = dict(zip(acts, sns.color_palette("colorblind", len(acts))))
-    fig, axes = _grid(1, len(inits), SINGLE if len(inits) == 1 else DOUBLE, 2.6, sharey=True)
-    for j, init in enumerate(inits):
-        ax = axes[0, j]
+    n_cols = min(len(panels), 3)
+    fig, axes = _grid(int(np.ceil(len(panels) / n_cols)), n_cols, SINGLE if len(panels) == 1 else DOUBLE, 2.6,
+                      sharey=True)
+    for ax in axes.flat[len(panels):]:
+        ax.set_axis_off()
+    for j, (task, init) in enumerate(panels):
+        ax = axes.flat[j]
         for act in acts:
             for arch in archs:
-                d = ratio[(ratio["init"] == init) & (ratio["activation"] == act) & (ratio["arch"] == arch)]
+                d = ratio[(ratio["task"] == task) & (ratio["init"] == init) & (ratio["activation"] == act)
+                          & (ratio["arch"] == arch)]
                 if d.empty:
                     continue
                 q = quartiles(d, ["depth"], "ratio")
                 _band(ax, q["depth"], q, colors[act], ls=styles.get(arch, "-"), alpha=0.12, marker=".")
         ax.axhline(1.0, color="0.4", lw=0.6)
-        ax.set(yscale="log", xlabel="hidden layers", title=f"init {init}")  # linear x: exponential decay is straight
-        if j == 0:
+        ax.set(yscale="log", xlabel="hidden layers", title=f"{task}, init {init}")  # linear x: exponential decay is straight
+        if j % n_cols == 0:
             ax.set_ylabel(r"$\|\partial L/\partial W^1\| \,/\, \|\partial L/\partial W^{out}\|$ at step 0")
     handles = [plt.Line2D([], [], color=colors[a], label=a) for a in acts]
     handles += [plt.Line2D([], [], color="0.3", ls=styles.get(a, "-"), label=a) for a in archs]
@@ -333,29 +346,39 @@ def training_dynamics(runs: pd.DataFrame, layers: pd.DataFrame, depth: int | Non
 
 # ------------------------------------------------------------------------------ trainability
 def trainability(runs: pd.DataFrame) -> plt.Figure:
-    """Final training loss (log) and final test accuracy (or test loss) vs depth; a column per arch,
-    hue = activation, line style = init. Diverged runs (NaN loss) are left out of the quartiles."""
+    """Final loss on the whole training set (log) and final test accuracy (or test loss) vs depth: two
+    rows per task (tasks are never pooled), a column per arch, hue = activation, line style = init.
+    runs.final_loss is the whole training set's loss in evaluation mode (batch norm with running
+    statistics). Diverged runs (NaN loss) are left out of the quartiles; an x marks a depth where every
+    seed diverged."""
     set_theme()
     r = with_arch(runs)
     _require(r, "trainability")
     if r["depth"].nunique() < 2:
         raise ValueError("trainability needs at least two depths")
-    second = "final_test_accuracy" if r["final_test_accuracy"].notna().any() else "final_test_loss"
+    tasks = _order(r["task"], ())
     archs = _order(r["arch"], ARCH_ORDER)
     acts = _order(r["activation"], ACT_ORDER)
     inits = _order(r["init"], ())
     colors = dict(zip(acts, sns.color_palette("colorblind", len(acts))))
     styles = dict(zip(inits, ("-", "--", ":", "-.")))
-    fig, axes = _grid(2, len(archs), DOUBLE if len(archs) > 1 else SINGLE, 2.0, sharex=True, sharey="row")
+    rows = []  # (task, stat): the second metric is the task's own (accuracy where it means something)
+    for task in tasks:
+        t = r[r["task"] == task]
+        rows += [(task, "final_loss"),
+                 (task, "final_test_accuracy" if t["final_test_accuracy"].notna().any() else "final_test_loss")]
+    fig, axes = _grid(len(rows), len(archs), DOUBLE if len(archs) > 1 else SINGLE, 2.0, sharex=True)
+    names = {"final_loss": "train-set loss", "final_test_accuracy": "test accuracy",
+             "final_test_loss": "test loss"}
     diverged = False
     for j, arch in enumerate(archs):
-        for i, stat in enumerate(("final_loss", second)):
+        for i, (task, stat) in enumerate(rows):
             ax = axes[i, j]
             for act in acts:
                 for init in inits:
-                    d = r[(r["arch"] == arch) & (r["activation"] == act) & (r["init"] == init)]
+                    d = r[(r["task"] == task) & (r["arch"] == arch) & (r["activation"] == act) & (r["init"] == init)]
                     lost = d.groupby("depth")[stat].apply(lambda v: not np.isfinite(v).any())
-                    if i == 0 and lost.any():  # every seed diverged: an x at the top of the panel
+                    if stat == "final_loss" and lost.any():  # every seed diverged: an x at the top
                         ax.plot(lost.index[lost], [0.95] * int(lost.sum()), ls="none", marker="x", ms=4,
                                 color=colors[act], transform=ax.get_xaxis_transform())
                         diverged = True
@@ -372,11 +395,15 @@ def trainability(runs: pd.DataFrame) -> plt.Figure:
                 ax.set_yscale("log")
             if i == 0:
                 ax.set_title(arch)
-            else:
+            if i == len(rows) - 1:
                 ax.set_xlabel("hidden layers")
             if j == 0:
-                ax.set_ylabel({"final_loss": "final training loss", "final_test_accuracy": "test accuracy",
-                               "final_test_loss": "final test loss"}[stat])
+                ax.set_ylabel(f"{task}: final\n{names[stat]}")
+    for i in range(len(rows)):  # a shared y range per row: the same task and metric across architectures
+        lims = [axes[i, j].get_ylim() for j in range(len(archs)) if axes[i, j].has_data()]
+        if lims:
+            for j in range(len(archs)):
+                axes[i, j].set_ylim(min(lo for lo, _ in lims), max(hi for _, hi in lims))
     handles = [plt.Line2D([], [], color=colors[a], label=a) for a in acts]
     handles += [plt.Line2D([], [], color="0.3", ls=styles[i], label=f"init {i}") for i in inits]
     if diverged:
@@ -387,20 +414,22 @@ def trainability(runs: pd.DataFrame) -> plt.Figure:
 
 
 # ------------------------------------------------------------------------------ twin agreement
+def _twin_key(config_json: str) -> str:
+    """The config without its backend (and launch-time paths): the same key for the two twins of a run."""
+    c = json.loads(config_json)
+    for k in ("backend", "results_dir", "progress", "overwrite"):
+        c.pop(k, None)
+    return json.dumps(c, sort_keys=True)
+
+
 def twin_pairs(runs: pd.DataFrame, layers: pd.DataFrame, stat: str = "grad_norm") -> pd.DataFrame:
     """NumPy and torch values of `stat` for the same (config without backend, step, layer, param).
 
     Columns: key, step, layer, param, numpy, torch, rel_err = |torch - numpy| / |numpy| (0 when both 0).
     """
     both = runs[runs["backend"].isin(["numpy", "torch"])]
-
-    def key(config_json: str) -> str:
-        c = json.loads(config_json)
-        c.pop("backend", None)
-        return json.dumps(c, sort_keys=True)
-
     ids = pd.DataFrame({"run_id": both["run_id"], "backend": both["backend"],
-                        "key": [key(c) for c in both["config_json"]]})
+                        "key": [_twin_key(c) for c in both["config_json"]]})
     ly = layers[layers["run_id"].isin(ids["run_id"])][["run_id", "step", "layer", "param", stat]]
     ly = ly.merge(ids, on="run_id")
     cols = ["key", "step", "layer", "param"]
@@ -413,60 +442,138 @@ def twin_pairs(runs: pd.DataFrame, layers: pd.DataFrame, stat: str = "grad_norm"
     return pairs
 
 
-def twin_agreement(runs: pd.DataFrame, layers: pd.DataFrame, stat: str = "grad_norm") -> plt.Figure:
-    """NumPy vs torch per-layer `stat`, log-log, identity line; the max relative error in the title."""
-    set_theme()
+ARCH_COLS = ["activation", "residual", "norm", "depth"]  # what tells the twins' architectures apart
+LOCKSTEP_LIMIT = 1e-9  # bench.twin's float64 bound: one step's rounding is ~1e-15
+TINY = 1e-18  # exact zeros drawn here on the log axes (and said in the legend)
+
+
+def arch_name(row) -> str:
+    return f"{row['activation']} {arch_label(row['residual'], row['norm'])} depth {int(row['depth'])}"
+
+
+def twin_free_running(runs: pd.DataFrame, layers: pd.DataFrame, stat: str = "grad_norm") -> pd.DataFrame:
+    """Free-running divergence: per architecture and logged step, the largest relative difference of
+    per-layer `stat` between a NumPy run and the torch run of the same config and seed (over seeds,
+    layers and parameters). Columns: activation, residual, norm, depth, step, max_rel_diff."""
     pairs = twin_pairs(runs, layers, stat)
-    _require(pairs, "twin agreement (no config run in both backends)")
-    pos = pairs[(pairs["numpy"] > 0) & (pairs["torch"] > 0)]
-    fig, ax = plt.subplots(figsize=(SINGLE, SINGLE * 0.9))
-    params = _order(pos["param"], ("weight", "bias", "gamma", "beta", "direct"))
-    for k, p in reversed(list(enumerate(params))):  # weights drawn last, on top
-        d = pos[pos["param"] == p]
-        ax.scatter(d["numpy"], d["torch"], s=3, alpha=0.4, color=f"C{k}", label=p, rasterized=True, lw=0)
-    lo, hi = pos[["numpy", "torch"]].min().min(), pos[["numpy", "torch"]].max().max()
-    ax.plot([lo, hi], [lo, hi], color="k", lw=0.7, ls="--", label="identity")
-    ax.set(xscale="log", yscale="log", xlabel=f"NumPy {stat}", ylabel=f"torch {stat}")
-    ax.set_title(f"{len(pairs):,} pairs; max relative error {np.nanmax(pairs['rel_err']):.1e}")
-    handles, labels = ax.get_legend_handles_labels()
-    order = sorted(range(len(labels)), key=lambda i: (params + ["identity"]).index(labels[i]))
-    ax.legend([handles[i] for i in order], [labels[i] for i in order], loc="upper left", markerscale=3)
+    if pairs.empty:
+        return pd.DataFrame(columns=[*ARCH_COLS, "step", "max_rel_diff"])
+    arch = runs[runs["backend"] == "numpy"].copy()
+    arch["key"] = [_twin_key(c) for c in arch["config_json"]]
+    arch = arch.drop_duplicates("key")[["key", *ARCH_COLS]]
+    pairs = pairs.merge(arch, on="key")
+    pairs["rel_err"] = pairs["rel_err"].fillna(np.inf)  # a value against a zero: as far apart as can be
+    out = pairs.groupby([*ARCH_COLS, "step"], sort=True)["rel_err"].max().rename("max_rel_diff")
+    return out.reset_index()
+
+
+def twin_summary(free: pd.DataFrame) -> pd.DataFrame:
+    """Per architecture: the free-running divergence at step 0, at the middle logged step, at the last."""
+    rows = []
+    for keys, g in free.groupby(ARCH_COLS, sort=True):
+        g = g.sort_values("step")
+        steps = g["step"].to_numpy()
+        mid = steps[len(steps) // 2]
+        at = g.set_index("step")["max_rel_diff"]
+        rows.append({**dict(zip(ARCH_COLS, keys)), "step_0": float(at.iloc[0]), "middle_step": int(mid),
+                     "at_middle": float(at[mid]), "last_step": int(steps[-1]), "at_last": float(at.iloc[-1])})
+    return pd.DataFrame(rows)
+
+
+def _per_arch_lines(ax, table: pd.DataFrame, value: str) -> None:
+    archs = table.drop_duplicates(ARCH_COLS)[ARCH_COLS].sort_values(ARCH_COLS)
+    colors = sns.color_palette("colorblind", max(len(archs), 1))
+    for k, (_, a) in enumerate(archs.iterrows()):
+        d = table[(table[ARCH_COLS] == a[ARCH_COLS].values).all(axis=1)].sort_values("step")
+        y = np.clip(d[value].astype(float).to_numpy(), TINY, None)
+        ax.plot(d["step"], y, color=colors[k % len(colors)], marker="." if len(d) < 30 else None, ms=3,
+                label=arch_name(a))
+
+
+def twin_lockstep(table: pd.DataFrame) -> plt.Figure:
+    """LOCKSTEP twin error per logged step (bench.twin): the NumPy net trains, and at each logged step the
+    torch twin recomputes loss, gradients and every per-layer statistic on the NumPy parameters; the
+    worst relative difference, a line per architecture, log y, with the 1e-9 bound.
+    `table`: activation, residual, norm, depth, step, max_rel_diff."""
+    set_theme()
+    _require(table, "the lockstep twin check")
+    fig, ax = plt.subplots(figsize=(SINGLE * 1.35, SINGLE * 0.8))
+    _per_arch_lines(ax, table, "max_rel_diff")
+    ax.axhline(LOCKSTEP_LIMIT, color="C3", lw=0.9, ls="--", label="bound 1e-9")
+    ax.set(yscale="log", xlabel="step", ylabel="lockstep max relative difference",
+           ylim=(TINY / 3, max(1e-6, float(table["max_rel_diff"].max()) * 10)))
+    worst = float(table["max_rel_diff"].max())
+    ax.set_title(f"lockstep, float64: max {worst:.1e} ({'within' if worst <= LOCKSTEP_LIMIT else 'ABOVE'} 1e-9)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title=f"exact 0 drawn at {TINY:g}")
+    fig.tight_layout()
+    return fig
+
+
+def twin_divergence(free: pd.DataFrame) -> plt.Figure:
+    """FREE-RUNNING divergence per logged step: NumPy and torch runs of one config and seed, each on its
+    own trajectory; the largest relative difference of per-layer gradient norms, a line per architecture,
+    log y. Growth here measures how chaotic training is (rounding differences amplified), not an error."""
+    set_theme()
+    _require(free, "free-running twin divergence (no config run in both backends)")
+    fig, ax = plt.subplots(figsize=(SINGLE * 1.35, SINGLE * 0.8))
+    _per_arch_lines(ax, free, "max_rel_diff")
+    ax.set(yscale="log", xlabel="step", ylabel="free-running max relative difference")
+    ax.set_title("free-running NumPy vs torch: divergence of trajectories")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title=f"exact 0 drawn at {TINY:g}")
     fig.tight_layout()
     return fig
 
 
 # ------------------------------------------------------------------------------ 1986
-def sweeps_to_solution(runs: pd.DataFrame) -> plt.Figure:
-    """Sweeps to the solve criterion per 1986 problem (solved seeds: box + points, log x), the paper's
-    number as a red diamond (family trees: the 1,500 sweeps it trained for, open); success rates at right."""
+def time_to_solve(runs: pd.DataFrame) -> plt.Figure:
+    """Fraction of seeds solved vs sweeps per 1986 problem (and initial range where there are several):
+    the Kaplan-Meier estimate over ALL seeds, unsolved seeds censored at the cap (analysis.tables), with
+    its 95% pointwise band (log-log). The paper's number: a dotted vertical line and a diamond where it
+    meets our curve (family trees: the fixed 1,500 sweeps it trained for, open diamond)."""
+    from analysis.tables import init_range, km_curve, rumelhart_groups
+
     set_theme()
-    r = runs[runs["task"].isin(PROBLEMS)].copy()
-    _require(r, "sweeps to solution (no 1986 problems)")
-    problems = _order(r["task"], PROBLEMS)
-    solved = r[r["solved_step"].notna()].copy()
-    solved["sweeps"] = solved["solved_step"].astype(float).clip(lower=1)
-    fig, ax = plt.subplots(figsize=(SINGLE, 0.55 * len(problems) + 0.9))
-    if not solved.empty:
-        with warnings.catch_warnings():  # seaborn 0.13.2 passes matplotlib 3.11's deprecated `vert`
-            warnings.simplefilter("ignore", matplotlib.MatplotlibDeprecationWarning)
-            sns.boxplot(data=solved, x="sweeps", y="task", order=problems, ax=ax, showfliers=False, width=0.5,
-                        color="0.85", linewidth=0.8, log_scale=True)
-        sns.stripplot(data=solved, x="sweeps", y="task", order=problems, ax=ax, size=1.8, alpha=0.45,
-                      color="C0", jitter=0.2)
-    ax.set_xscale("log")
-    for k, p in enumerate(problems):
-        if p in PAPER_SWEEPS:
-            ax.plot(PAPER_SWEEPS[p], k, marker="D", color="C3", ms=6, mec="k", mew=0.5, ls="none")
-        elif p == "family_trees":
-            ax.plot(FAMILY_TREES_SWEEPS, k, marker="D", mfc="none", mec="C3", ms=6, ls="none")
-        n, s = int((r["task"] == p).sum()), int((solved["task"] == p).sum())
-        ax.annotate(f"{s}/{n}", xy=(1.0, k), xycoords=("axes fraction", "data"), xytext=(3, 0),
-                    textcoords="offset points", va="center", fontsize=7)
-    ax.set(ylabel="", xlabel="sweeps to criterion (solved seeds)")
-    ax.set_yticks(range(len(problems)), [p.replace("_", " ") for p in problems])
-    ax.plot([], [], marker="D", color="C3", mec="k", mew=0.5, ls="none", label="paper")
-    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncols=2, frameon=False)
-    ax.set_title("solved / seeds", loc="right", fontsize=7)
+    r = runs[runs["task"].isin(PROBLEMS)]
+    _require(r, "time to solve (no 1986 problems)")
+    groups = list(rumelhart_groups(r))
+    palette = sns.color_palette("colorblind", 5)
+    colors = [palette[i] for i in (0, 1, 2, 4, 3)]  # symmetry purple: not a second orange beside parity
+    fig, ax = plt.subplots(figsize=(DOUBLE * 0.8, 2.9))
+    styles = ("-", "--", ":", "-.")
+    seen: dict[str, int] = {}
+    for task, g in groups:
+        color = colors[PROBLEMS.index(task)]
+        ls = styles[seen.get(task, 0) % len(styles)]
+        seen[task] = seen.get(task, 0) + 1
+        res = km_curve(g["solved_step"], g["steps"])
+        cap = float(g["steps"].max())
+        n, k = len(g), int(g["solved_step"].notna().sum())
+        label = f"{task.replace('_', ' ')}, {init_range(g['init'].iloc[0], g['init_scale'].iloc[0])} ({k}/{n})"
+        if res is None or k == 0:
+            ax.plot([1, cap], [0, 0], color=color, ls=ls, label=label, drawstyle="steps-post")
+            continue
+        t = np.concatenate([[1.0], res.cdf.quantiles, [cap]])
+        f = np.concatenate([[0.0], res.cdf.probabilities, [res.cdf.probabilities[-1]]])
+        with warnings.catch_warnings():  # log-log is undefined where S = 0 or 1: NaN there
+            warnings.simplefilter("ignore", RuntimeWarning)
+            band = res.sf.confidence_interval(method="log-log")
+        sf = res.sf.probabilities  # where the band is undefined (S = 0 after the last event) it is S itself
+        lo = 1 - np.where(np.isnan(band.high.probabilities), sf, band.high.probabilities)
+        hi = 1 - np.where(np.isnan(band.low.probabilities), sf, band.low.probabilities)
+        ax.fill_between(np.concatenate([res.cdf.quantiles, [cap]]), np.append(lo, lo[-1]), np.append(hi, hi[-1]),
+                        step="post", color=color, alpha=0.12, lw=0)
+        ax.plot(t, f, drawstyle="steps-post", color=color, ls=ls, label=label)
+        if task in PAPER_SWEEPS or task == "family_trees":
+            paper = PAPER_SWEEPS.get(task, FAMILY_TREES_SWEEPS)
+            ax.axvline(paper, color=color, ls=":", lw=0.9)
+            ax.plot(paper, float(res.cdf.evaluate(paper)), marker="D", ms=5, color=color, mec="k", mew=0.5,
+                    mfc=color if task in PAPER_SWEEPS else "none", ls="none", zorder=6)
+    ax.axhline(0.5, color="0.4", lw=0.6)
+    ax.set(xscale="log", ylim=(-0.02, 1.02), xlabel="sweeps", ylabel="fraction of seeds solved (Kaplan-Meier)")
+    ax.set_xlim(left=max(1.0, 0.7 * float(np.nanmin(pd.to_numeric(r["solved_step"], errors="coerce").astype(float)
+                                                      .fillna(r["steps"].max())))))
+    ax.plot([], [], marker="D", color="0.5", mec="k", mew=0.5, ls=":", label="paper's sweeps (dotted)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     return fig
 
@@ -509,7 +616,8 @@ def hinton_weights(params: dict, title: str | None = None) -> plt.Figure:
 # ------------------------------------------------------------------------------ mean field
 def meanfield_ratios(table: pd.DataFrame) -> plt.Figure:
     """Measured median ||delta^l|| / ||delta^(l+1)|| (IQR as error bars) vs the mean-field sqrt(chi1),
-    log-log with the identity. `table`: activation, sigma_w, sigma_b, predicted, measured, q25, q75."""
+    log-log with the identity; each point labelled with its sigma_w ('sqrt2=He' for He init's sqrt 2).
+    `table`: activation, sigma_w, sigma_b, predicted, measured, q25, q75."""
     set_theme()
     _require(table, "the mean-field comparison")
     fig, ax = plt.subplots(figsize=(SINGLE, SINGLE * 0.9))
@@ -524,6 +632,10 @@ def meanfield_ratios(table: pd.DataFrame) -> plt.Figure:
             err = np.vstack([e["measured"] - e["q25"], e["q75"] - e["measured"]])
             ax.errorbar(e["predicted"], e["measured"], yerr=err, fmt=m, color=f"C{k}", ms=4, lw=0.8, mfc="none"
                         if sb else None)
+            if "sigma_w" in e:  # which sigma_w each point is: the grid has several per activation
+                for x, y, sw in zip(e["predicted"], e["measured"], e["sigma_w"]):
+                    ax.annotate(sigma_w_label(sw).replace(" (He)", "=He"), (x, y), xytext=(3, -6 if sb else 3),
+                                textcoords="offset points", fontsize=4.5, color=f"C{k}")
     lo = min(table["predicted"].min(), table["q25"].min()) * 0.8
     hi = max(table["predicted"].max(), table["q75"].max()) * 1.25
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.7)
