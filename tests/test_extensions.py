@@ -86,3 +86,100 @@ def test_correlation_depth_scale_diverges_at_criticality():
     near = theory.correlation_depth_scale("tanh", crit * 1.01, SB2)
     far = theory.correlation_depth_scale("tanh", 3.0, SB2)
     assert near > 20 * far > 0
+
+
+# ------------------------------------------------------------------------------ Jacobian twins
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("activation", ["tanh", "relu", "sigmoid"])
+def test_hidden_jacobian_numpy_matches_torch_jacrev(activation, residual):
+    from bench.init import init_params
+    from bench.numpy_mlp import NumpyMLP
+    from bench.numpy_mlp import hidden_jacobian as jac_numpy
+    from bench.spec import NetSpec
+    from bench.torch_mlp import TorchMLP
+    from bench.torch_mlp import hidden_jacobian as jac_torch
+
+    spec = NetSpec(5, 3, (7,) * 4, activation, "softmax", residual)
+    params = init_params(spec, "meanfield", [0, 1], 1.3, 0.1)  # two members: the ensemble axis is kept apart
+    x = np.random.default_rng(0).standard_normal((3, 5))
+    by_hand = jac_numpy(NumpyMLP(spec, params, "cross_entropy"), x)
+    autograd = jac_torch(TorchMLP(spec, params, "cross_entropy", "float64"), x)
+    assert by_hand.shape == autograd.shape == (2, 3, 7, 7)
+    # float64, three 7x7 products: rounding ~1e-15 of the largest entry each; 1e-12 of it leaves room, and a
+    # bug (a missing phi', a transposed W) is O(1) of it. Sigmoid's phi' <= 1/4 makes its J small: relative.
+    scale = np.abs(autograd).max()
+    assert scale > 1e-4  # not a trivially zero Jacobian
+    for e in range(2):
+        for b in range(3):
+            np.testing.assert_allclose(by_hand[e, b], autograd[e, b], rtol=0, atol=1e-12 * scale)
+
+
+def test_hidden_jacobian_orthogonal_linear_is_orthogonal():
+    # With phi' = 1 (relu on all-positive pre-activations is not guaranteed; use tiny weights with tanh:
+    # phi'(n) ~ 1 - n^2) the Jacobian of orthogonal layers is a product of near-orthogonal matrices, so its
+    # singular values sit at g^(L-1) up to the O(n^2) ~ 1e-6 curvature of tanh at these small inputs.
+    from bench.init import init_params
+    from bench.numpy_mlp import NumpyMLP, hidden_jacobian
+    from bench.spec import NetSpec
+
+    spec = NetSpec(4, 2, (16,) * 5, "tanh", "softmax")
+    params = init_params(spec, "orthogonal", [3], 1.0, None)
+    x = 1e-3 * np.random.default_rng(1).standard_normal((2, 4))
+    sv = np.linalg.svd(hidden_jacobian(NumpyMLP(spec, params, "cross_entropy"), x)[0], compute_uv=False)
+    np.testing.assert_allclose(sv, 1.0, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------ analysis tables
+def _synthetic_runs(groups):
+    rows, i = [], 0
+    for (task, activation, init, residual, norm, lr, depth), solved in groups.items():
+        for s in solved:
+            rows.append({"run_id": f"r{i}", "task": task, "activation": activation, "init": init,
+                         "residual": residual, "norm": norm, "lr": lr, "init_scale": None, "depth": depth,
+                         "steps": 100, "solved_step": s})
+            i += 1
+    runs = pd.DataFrame(rows)
+    runs["solved_step"] = runs["solved_step"].astype("Int64")
+    return runs
+
+
+def test_rumelhart_depth_table_is_kaplan_meier_over_all_seeds():
+    from scipy.stats import CensoredData, ecdf
+
+    from analysis.extensions import rumelhart_depth_table
+
+    na = pd.NA
+    runs = _synthetic_runs({
+        ("symmetry", "sigmoid", "uniform", False, "none", 0.1, 1): [10, 20, 30, na],  # KM: 0.25, 0.5 at 20
+        ("symmetry", "sigmoid", "uniform", False, "none", 0.1, 4): [5, na, na, na],  # never half: no median
+        ("symmetry", "relu", "he", True, "none", 0.03, 1): [40, 50, na, na, 60, 70],
+    })
+    t = rumelhart_depth_table(runs)
+    assert list(t.columns[:8]) == ["problem", "method", "depth", "lr", "init_scale", "seeds", "solved", "median_sweeps"]
+    row = t[(t["method"] == "1986 sigmoid") & (t["depth"] == 1)].iloc[0]
+    assert (row["seeds"], row["solved"], row["median_sweeps"]) == (4, 3, 20.0)
+    row = t[(t["method"] == "1986 sigmoid") & (t["depth"] == 4)].iloc[0]
+    assert (row["seeds"], row["solved"]) == (4, 1) and math.isnan(row["median_sweeps"])
+    assert row["solved_fraction"] == pytest.approx(0.25)
+    # against scipy directly: unsolved seeds censored at the cap (100)
+    row = t[t["method"] == "relu/he + residual"].iloc[0]
+    res = ecdf(CensoredData(uncensored=[40, 50, 60, 70], right=[100, 100]))
+    median = res.cdf.quantiles[np.argmax(res.cdf.probabilities >= 0.5 - 1e-12)]
+    assert row["median_sweeps"] == median == 60
+    # the 1986 recipe comes first in each problem
+    assert t["method"].iloc[0] == "1986 sigmoid"
+
+
+def test_bn_layer_rates_recovers_a_geometric_profile():
+    from analysis.extensions import BN_SKIP, bn_layer_rates
+
+    depth, r = 24, 1.2
+    runs = pd.DataFrame({"run_id": ["a"], "activation": ["relu"], "batch_size": [64], "width": [256], "depth": [depth]})
+    layer = np.arange(1, depth + 2)  # hidden layers and the output layer (left out by the rate)
+    delta = r ** (depth - layer.astype(float))
+    delta[-1] = 123.0  # the output layer's delta is on another scale: must not enter the rate
+    delta[0] *= 5.0  # nor must the layers next to the input
+    layers = pd.DataFrame({"run_id": "a", "step": 0, "param": "weight", "layer": layer, "delta_norm": delta})
+    got = bn_layer_rates(runs, layers)
+    assert BN_SKIP >= 1
+    assert got["ratio"].iloc[0] == pytest.approx(r, rel=1e-12)
