@@ -512,19 +512,26 @@ def plan_items(exps) -> tuple[list[tuple], list[tuple[str, str]], dict]:
         sb2 = float(e.runs["init_bias"].astype(float).iloc[0]) ** 2
 
         def cap_tp(t=t, e=e):
-            deep = t[t["depth"] == t["depth"].max()]
-            best = deep.loc[deep["accuracy"].idxmax()]
-            inside = t[t["depth"] <= TRAINABLE_C * t["xi"]]["accuracy"]
-            outside = t[t["depth"] > TRAINABLE_C * t["xi"]]["accuracy"]
+            def split(c):
+                below = t[t["depth"] <= c * t["xi"]]["accuracy"]
+                above = t[t["depth"] > c * t["xi"]]["accuracy"]
+                return (f"below {c:g} xi_c median {below.median():.2f} ({len(below)} cells), above "
+                        f"{above.median():.2f} ({len(above)} cells)")
+            spread = t.groupby("depth")["accuracy"].agg(lambda a: a.max() - a.min()).idxmax()
+            row = t[t["depth"] == spread].sort_values("sigma_w2")
+            trained = t[t["accuracy"] >= 0.5]
             return (f"Trainability phase diagram (Schoenholz et al. 2017): tanh, sigma_b^2 = {sb2:g}, width "
                     f"{int(e.runs['width'].max())}, training accuracy on the digits after {int(e.runs['steps'].max())} "
-                    f"steps (median over {int(t['seeds'].min())} seeds). Lines: 6 xi_c and 3 xi_c from bench.theory. "
-                    "Their claim: nets train only where depth < ~6 xi_c, so the trainable region is a wedge around "
-                    f"the critical sigma_w^2 = {theory.critical_sw2('tanh', sb2):.2f}. Ours: median accuracy "
-                    f"{inside.median():.2f} over {len(inside)} cells below 6 xi_c and {outside.median():.2f} over "
-                    f"{len(outside)} cells above it; at depth {int(best['depth'])} the best sigma_w^2 is "
-                    f"{best['sigma_w2']:g} ({best['accuracy']:.2f}). Our budget is short, so cells below the line "
-                    "can still be unfinished rather than untrainable.")
+                    f"steps (median over {int(t['seeds'].min())} seeds; a cell spans half-way to its neighbours). "
+                    "Lines: 6 xi_c and 3 xi_c, xi_c the correlation depth scale from bench.theory. Their claim: nets "
+                    "train only where depth < ~6 xi_c, a wedge around the critical sigma_w^2 = "
+                    f"{theory.critical_sw2('tanh', sb2):.2f} that widens without bound at criticality. Ours: "
+                    f"{split(TRAINABLE_C)}; {split(TRAINABLE_C / 2)}. At depth {int(spread)} accuracy peaks near the "
+                    "critical line: " + ", ".join(f"{x.sigma_w2:g}: {x.accuracy:.2f}" for x in row.itertuples()) +
+                    f". Where we disagree: no net deeper than {int(trained['depth'].max()) if len(trained) else 0} "
+                    "layers reaches 50% in our budget, even at criticality where 6 xi_c is unbounded; they trained "
+                    "for far longer (and wider), so here the budget, not the depth scale, sets the limit beyond ~25 "
+                    "layers, and the wedge's edge follows 3 xi_c more closely than 6 xi_c.")
         figs.append((f"{e.name}-heatmap", lambda t=t, sb2=sb2: trainability_figure(t, sb2), cap_tp,
                      "trainability_phase"))
 

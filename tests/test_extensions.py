@@ -183,3 +183,26 @@ def test_bn_layer_rates_recovers_a_geometric_profile():
     got = bn_layer_rates(runs, layers)
     assert BN_SKIP >= 1
     assert got["ratio"].iloc[0] == pytest.approx(r, rel=1e-12)
+
+
+@pytest.mark.slow  # ~15 s alone, ~70 s on a loaded machine (composing the config, digits, torch)
+def test_jacobian_statistic_from_a_run_row_both_backends(cfg_factory):
+    # The per-run statistic as the report computes it: the run's initial network rebuilt from its config and
+    # seed, then the singular values of d a^L / d a^1 by hand (numpy) and by autograd (torch). Float64;
+    # singular values are well conditioned (perturbation <= ||dJ||), so the twins' ~1e-15 entry-wise
+    # difference stays ~1e-14: 1e-10 relative to the largest leaves a wide margin and still catches any bug.
+    import json
+
+    from omegaconf import OmegaConf
+
+    from analysis.extensions import jacobian_singular_values
+
+    cfg = cfg_factory("experiment=dynamical_isometry", "model.depth=6", "model.width=12", "model.init=orthogonal")
+    row = {"config_json": json.dumps(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)), "seed": 5}
+    by_hand = jacobian_singular_values(row, "numpy", n_inputs=2)
+    autograd = jacobian_singular_values(row, "torch", n_inputs=2)
+    assert by_hand.shape == (2, 12)
+    np.testing.assert_allclose(by_hand, autograd, rtol=0, atol=1e-10 * autograd.max())
+    # the rebuilt init is the run's: another seed draws other weights, hence another spectrum
+    other = jacobian_singular_values(dict(row, seed=6), "numpy", n_inputs=2)
+    assert np.abs(other - by_hand).max() > 1e-3
