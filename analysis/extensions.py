@@ -248,8 +248,9 @@ def recipe(row) -> str:
 
 
 def glorot_activations_figure(runs: pd.DataFrame, layers: pd.DataFrame) -> plt.Figure:
-    """Their Fig. 2 and 3: per hidden layer, the mean (line) and standard deviation (band: mean ± std, both the
-    median over seeds) of the activations over training, a panel per recipe."""
+    """Their Fig. 2 and 3, a column per recipe. Top: per hidden layer, the mean (line) and mean ± std (band) of
+    the activations over training; bottom: the fraction of saturated units (phi' < 5% of its peak), both
+    medians over seeds."""
     _require(runs, "glorot_bengio")
     set_theme()
     r = runs.copy()
@@ -260,18 +261,24 @@ def glorot_activations_figure(runs: pd.DataFrame, layers: pd.DataFrame) -> plt.F
     recipes = sorted(r["recipe"].unique(), key=lambda s: (not s.startswith("sigmoid"), "Xavier" in s, s))
     depth = int(r["depth"].max())
     colors = sns.color_palette("viridis", depth)
-    fig, axes = _grid(1, len(recipes), DOUBLE, 2.4)
-    for ax, rec in zip(axes[0], recipes):
+    fig, axes = _grid(2, len(recipes), DOUBLE, 2.1, sharex=True)
+    for j, rec in enumerate(recipes):
         g = ly[ly["recipe"] == rec]
-        med = g.groupby(["layer", "step"])[["act_mean", "act_std"]].median().reset_index()
+        med = g.groupby(["layer", "step"])[["act_mean", "act_std", "act_saturation"]].median().reset_index()
         for layer in range(1, depth + 1):
             m = med[med["layer"] == layer]
-            ax.plot(m["step"], m["act_mean"], color=colors[layer - 1], label=f"layer {layer}")
-            ax.fill_between(m["step"], m["act_mean"] - m["act_std"], m["act_mean"] + m["act_std"],
-                            color=colors[layer - 1], alpha=0.08, lw=0)
-        ax.set(title=rec, xlabel="step (mini-batches of %d)" % int(r["batch_size"].iloc[0]))
-    axes[0, 0].set_ylabel("activation mean (line) ± std (band)")
-    axes[0, -1].legend(fontsize=6, frameon=False, loc="lower right")
+            axes[0, j].plot(m["step"], m["act_mean"], color=colors[layer - 1], label=f"layer {layer}")
+            axes[0, j].fill_between(m["step"], m["act_mean"] - m["act_std"], m["act_mean"] + m["act_std"],
+                                    color=colors[layer - 1], alpha=0.08, lw=0)
+            axes[1, j].plot(m["step"], m["act_saturation"], color=colors[layer - 1], label=f"layer {layer}")
+        axes[0, j].set_title(rec.replace(", ", ",\n"), fontsize=7.5)
+        axes[1, j].set(xlabel="step (mini-batches of %d)" % int(r["batch_size"].iloc[0]))
+    top = max(0.05, float(ly.groupby(["recipe", "layer", "step"])["act_saturation"].median().max()) * 1.1)
+    for ax in axes[1]:
+        ax.set_ylim(-0.002, top)
+    axes[0, 0].set_ylabel("activation mean\n(line) ± std (band)")
+    axes[1, 0].set_ylabel("saturated fraction\n(phi' < 5% of peak)")
+    axes[1, -1].legend(fontsize=6, frameon=False, loc="upper left")
     fig.tight_layout()
     return fig
 
@@ -318,7 +325,8 @@ def glorot_table(runs: pd.DataFrame, layers: pd.DataFrame) -> pd.DataFrame:
                      "test_error_iqr": f"[{err.quantile(0.25):.3f}, {err.quantile(0.75):.3f}]",
                      "top_act_mean_init": float(top.iloc[0]), "top_act_mean_min": float(top.min()),
                      "step_of_min": int(top.idxmin()), "top_act_mean_final": float(top.iloc[-1]),
-                     "delta1_over_deltaL_init": float((d0[1] / d0[depth]).median())})
+                     "delta1_over_deltaL_init": float((d0[1] / d0[depth]).median()),
+                     "max_saturated_fraction": float(lg.groupby(["layer", "step"])["act_saturation"].median().max())})
     return pd.DataFrame(rows)
 
 
@@ -554,16 +562,25 @@ def plan_items(exps) -> tuple[list[tuple], list[tuple[str, str]], dict]:
                     f"{int(t['seeds'].min())} seeds; statistics on each logged step's own mini-batch. Their claim: with "
                     "sigmoid and the standard init the top hidden layer saturates toward 0 early and only slowly "
                     "recovers; tanh saturates layer by layer. " + sig +
+                    "We see the drop but not yet the recovery (they trained for hundreds of epochs, we for 21), and "
+                    "a top-layer mean of ~0.09 is not saturation in our measure: at most "
+                    + ", ".join(f"{x.recipe} {100 * x.max_saturated_fraction:.1f}%" for x in t.itertuples()) +
+                    " of units have phi' below 5% of its peak at any logged step, so tanh's layer-by-layer "
+                    "saturation does not appear in our budget either. " +
                     "Test error: " + "; ".join(f"{x.recipe} {x.test_error_median:.3f}" for x in t.itertuples()) +
-                    " (theirs on Shapeset: sigmoid 82.6%, tanh 27.2%, tanh normalised 15.6%).")
+                    " (theirs on Shapeset: sigmoid 82.6%, tanh 27.2%, tanh normalised 15.6%): the ordering "
+                    "reproduces (sigmoid is stuck at chance within our budget, normalised tanh beats standard tanh); "
+                    "the digits are an easier task, so the tanh errors are far lower.")
         figs.append((f"{e.name}-activations", lambda r=e.runs, ly=e.layers: glorot_activations_figure(r, ly),
                      cap_gb_act, "glorot_activations"))
 
         def cap_gb_grad(t=t):
             return ("Glorot & Bengio 2010, Fig. 6-8: at initialisation, the back-propagated gradient ||delta^l|| and "
                     "the weight gradient per layer (median and IQR over seeds). Their claim: with the standard init "
-                    "delta shrinks toward the input, with the normalised init it stays about level. Ours, "
-                    "||delta^1|| / ||delta^L||: " + "; ".join(f"{x.recipe} {x.delta1_over_deltaL_init:.3f}"
+                    "delta shrinks toward the input, with the normalised init it stays about level, while the "
+                    "weight gradients stay similar across layers (tanh). Reproduced for tanh; for sigmoid (phi' <= "
+                    "1/4) no variance-preserving init keeps delta level, Xavier included. Ours, "
+                    "||delta^1|| / ||delta^L||: " + "; ".join(f"{x.recipe} {x.delta1_over_deltaL_init:.2g}"
                                                             for x in t.itertuples()) + ".")
         figs.append((f"{e.name}-gradients", lambda r=e.runs, ly=e.layers: glorot_gradients_figure(r, ly),
                      cap_gb_grad, None))
