@@ -409,23 +409,25 @@ def isometry_figure(runs: pd.DataFrame, steps: pd.DataFrame, spectra: pd.DataFra
     colors = dict(zip(inits, sns.color_palette("colorblind", 2)))
     fig, axes = _grid(2, len(depths), DOUBLE, 2.2)
     lo = max(spectra["singular_value"].min(), ISO_FLOOR)
-    bins = np.logspace(np.log10(lo), np.log10(spectra["singular_value"].max()), 50)
+    bins = np.linspace(np.log10(lo), np.log10(spectra["singular_value"].max()) + 0.05, 60)  # in decades
     st = join_runs(steps, runs, ["init", "depth"])
     for j, depth in enumerate(depths):
         ax = axes[0, j]
         for init in inits:
             s = spectra[(spectra["init"] == init) & (spectra["depth"] == depth)]["singular_value"]
-            ax.hist(np.maximum(s, lo), bins=bins, density=True, histtype="step", color=colors[init],
-                    label=names[init], lw=1.2)
-        ax.axvline(1.0, color="0.4", ls=":", lw=0.8)
-        ax.set(xscale="log", yscale="log", title=f"{depth} hidden layers", xlabel="singular value of $J$")
+            if s.empty:
+                continue
+            ax.hist(np.log10(np.maximum(s, lo)), bins=bins, weights=np.full(len(s), 1.0 / len(s)),
+                    histtype="stepfilled", alpha=0.35, color=colors[init], label=names[init], ec=colors[init])
+        ax.axvline(0.0, color="0.4", ls=":", lw=0.8)
+        ax.set(title=f"{depth} hidden layers", xlabel=r"$\log_{10}$ singular value of $J$")
         ax = axes[1, j]
         for init in inits:
             q = quartiles(st[(st["init"] == init) & (st["depth"] == depth)], ["step"], "accuracy")
             _band(ax, q["step"], q, colors[init], label=names[init])
         ax.axhline(ISO_TARGET, color="0.5", lw=0.6)
         ax.set(ylim=(0, 1.02), xlabel="step")
-    axes[0, 0].set_ylabel("density")
+    axes[0, 0].set_ylabel("fraction of singular values")
     axes[1, 0].set_ylabel("training accuracy")
     axes[0, 0].legend(fontsize=6, frameon=False)
     fig.tight_layout()
