@@ -603,10 +603,10 @@ def plan_items(exps) -> tuple[list[tuple], list[tuple[str, str]], dict]:
 
         def cap_iso(t=t, e=e):
             col = f"median_steps_to_{ISO_TARGET:g}"
-            parts = [f"depth {int(x.depth)} {'Gaussian' if x.init == 'meanfield' else 'orthogonal'}: 5-95% of "
-                     f"singular values span {x.decades_q05_q95:.1f} decades (max {x.sv_max:.2f}, mean sv^2 "
-                     f"{x.sv2_mean:.2f}), {ISO_TARGET:g} training accuracy at step {_fmt(getattr(x, col))}"
-                     for x in t.itertuples()]
+            parts = [f"depth {int(x['depth'])} {'Gaussian' if x['init'] == 'meanfield' else 'orthogonal'}: 5-95% "
+                     f"of singular values span {x['decades_q05_q95']:.1f} decades (max {x['sv_max']:.2f}, mean sv^2 "
+                     f"{x['sv2_mean']:.2f}), {ISO_TARGET:g} training accuracy at step {_fmt(x[col])}"
+                     for x in t.sort_values(["depth", "init"]).to_dict("records")]
             return ("Dynamical isometry (Pennington et al. 2017): tanh at criticality (sigma_w^2 = "
                     f"{float(e.runs['init_scale'].iloc[0]) ** 2:.4f}, sigma_b^2 = "
                     f"{float(e.runs['init_bias'].iloc[0]) ** 2:g}), width {int(e.runs['width'].max())}. Top: the "
@@ -614,7 +614,12 @@ def plan_items(exps) -> tuple[list[tuple], list[tuple[str, str]], dict]:
                     f"{ISO_FLOOR:g} drawn at {ISO_FLOOR:g}); bottom: training accuracy (median, "
                     "IQR over seeds). Their claim: orthogonal weights keep the spectrum concentrated near 1 at any "
                     "depth, Gaussian weights spread it as depth grows, and isometric nets train faster. Ours: "
-                    + "; ".join(parts) + ".")
+                    + "; ".join(parts) + ". Reproduced: the spread (orthogonal ~1-1.5 decades at every depth, "
+                    "Gaussian growing to >16) and the speed (orthogonal reaches the target at every depth, faster "
+                    "as depth grows; Gaussian at 64 layers never does). Not reproduced: the spectrum is not centred "
+                    "on 1 (mean sv^2 0.1-0.25 for both): the digits put the first hidden layer at q ~ 1, far above "
+                    "q* (0.046), so the layers along the way sit in the ordered regime (chi_1(q^l) < 1) rather than "
+                    "at criticality; Pennington et al. start their inputs at q*.")
         figs.append((f"{e.name}-spectra", lambda r=runs, s=e.steps, sp=spectra: isometry_figure(r, s, sp), cap_iso,
                      "dynamical_isometry"))
     return figs, skipped, tables
