@@ -1,8 +1,9 @@
 """One function per figure: result DataFrames in, a matplotlib Figure out.
 
 What it is for: the figures of the report (`analysis.report`), drawn from the `runs`, `steps` and `layers`
-tables of `bench.results.load` (column names as there). Every curve is a distribution over seeds: the
-median as a line and the interquartile range as a band, never one seed. Figures are sized for a paper:
+tables of `bench.results.load` (column names as there). Every curve summarises all seeds, never one: the
+median as a line and the interquartile range as a band; time to solve as the Kaplan-Meier fraction solved
+(unsolved seeds censored at the cap); the twin checks as the worst case over seeds. Figures are sized for a paper:
 single column 3.4 in, double column 7 in; log axes wherever magnitudes span decades.
 
 What it is not for: choosing which data to plot (the report filters the tables) or saving (the caller
@@ -182,7 +183,8 @@ def gradient_profile(runs: pd.DataFrame, layers: pd.DataFrame, stat: str = "delt
 
     inputs: {task: (n_in, mean x^2)} for the mean-field overlay (dashed, plain nets only, normalised to
     the measured median at the last hidden layer). The theory predicts delta norms, so the overlay is
-    drawn only when stat == "delta_norm": a weight gradient also carries the activation norms; reference: {depth: values per hidden layer} drawn as
+    drawn only when stat == "delta_norm": a weight gradient also carries the activation norms;
+    reference: {depth: values per hidden layer} drawn as
     markers (Nielsen's numbers). Needs a single init in `runs`.
     """
     set_theme()
@@ -287,7 +289,8 @@ def gradient_ratio(runs: pd.DataFrame, layers: pd.DataFrame, stat: str = "grad_n
                 q = quartiles(d, ["depth"], "ratio")
                 _band(ax, q["depth"], q, colors[act], ls=styles.get(arch, "-"), alpha=0.12, marker=".")
         ax.axhline(1.0, color="0.4", lw=0.6)
-        ax.set(yscale="log", xlabel="hidden layers", title=f"{task}, init {init}")  # linear x: exponential decay is straight
+        # linear x: exponential decay is a straight line
+        ax.set(yscale="log", xlabel="hidden layers", title=f"{task}, init {init}")
         if j % n_cols == 0:
             ax.set_ylabel(r"$\|\partial L/\partial W^1\| \,/\, \|\partial L/\partial W^{out}\|$ at step 0")
     handles = [plt.Line2D([], [], color=colors[a], label=a) for a in acts]
@@ -403,7 +406,15 @@ def trainability(runs: pd.DataFrame) -> plt.Figure:
         lims = [axes[i, j].get_ylim() for j in range(len(archs)) if axes[i, j].has_data()]
         if lims:
             for j in range(len(archs)):
-                axes[i, j].set_ylim(min(lo for lo, _ in lims), max(hi for _, hi in lims))
+                ax = axes[i, j]
+                ax.set_ylim(min(lo for lo, _ in lims), max(hi for _, hi in lims))
+                if ax.get_yscale() == "log":
+                    lo, hi = ax.get_ylim()
+                    if np.log10(hi / lo) < 1:  # under a decade: plain numbers, not 2.3 x 10^0
+                        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+                        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+                    else:
+                        _tidy_log_y(ax)
     handles = [plt.Line2D([], [], color=colors[a], label=a) for a in acts]
     handles += [plt.Line2D([], [], color="0.3", ls=styles[i], label=f"init {i}") for i in inits]
     if diverged:

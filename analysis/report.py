@@ -334,7 +334,8 @@ def plan(exps: list[Experiment]) -> tuple[list[Figure], list[tuple[str, str]], d
                            "over hidden layers inside the net (step 0; error bars: IQR over seeds) against "
                            "the mean-field sqrt(chi_1(q^l)) along the finite-depth q path over the same layers "
                            "(equal to sqrt(chi_1(q*)) except for tanh at sigma_b = 0, whose q* = 0 is approached "
-                           "slowly). Dashed: identity.", key="meanfield"))
+                           "slowly). Colour: activation; marker: sigma_b; each point is labelled with its sigma_w "
+                           "(sqrt2=He: He init's sigma_w = sqrt 2). Dashed: identity.", key="meanfield"))
     else:
         skipped.append(("meanfield-ratios", "no runs with init=meanfield"))
 
@@ -356,7 +357,7 @@ def plan(exps: list[Experiment]) -> tuple[list[Figure], list[tuple[str, str]], d
             return ("1986 problems: fraction of seeds solved (every output of every pattern within 0.4 of its "
                     "target; family trees 0.2) vs sweeps, the Kaplan-Meier estimate over ALL seeds with unsolved "
                     "seeds censored at the cap; band: 95% pointwise confidence (log-log); horizontal line: half "
-                    "the seeds. Dotted verticals and diamonds: the papers' numbers where our curve crosses them "
+                    "the seeds. Dotted verticals: the papers' numbers; diamonds: our fraction solved by then "
                     "(parity's are 'presentations'; open diamond: the fixed 1,500 sweeps the family-trees net was "
                     "trained for). " + "; ".join(parts) + ".")
         figs.append(Figure("rumelhart-sweeps", lambda o=old: F.time_to_solve(o), sweeps_caption,
@@ -367,8 +368,9 @@ def plan(exps: list[Experiment]) -> tuple[list[Figure], list[tuple[str, str]], d
             params = json.loads(pick["params_json"])
             figs.append(Figure("rumelhart-symmetry_weights",
                                lambda p=params: F.hinton_weights(p),
-                               f"Learned weights of the 6-2-1 symmetry net, seed {int(pick['seed'])} (the solved "
-                               f"seed with the median sweeps to solution, {int(pick['solved_step'])}). Area ~ |w|; "
+                               f"Learned weights of the 6-2-1 symmetry net, seed {int(pick['seed'])} (a typical "
+                               "solved seed: the median sweeps to solution among the solved seeds, "
+                               f"{int(pick['solved_step']):,}). Area ~ |w|; "
                                "white positive, black negative. " + T.symmetry_sentence(params),
                                key="symmetry_weights"))
         else:
@@ -407,6 +409,20 @@ def md_table(df: pd.DataFrame) -> str:
     rule = "|" + "|".join("---" for _ in df.columns) + "|"
     rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join([head, rule, *rows])
+
+
+def shown_table(name: str, df: pd.DataFrame) -> pd.DataFrame:
+    """The markdown view of a table: in the 1986 table an empty time to solve reads 'not reached' (the
+    Kaplan-Meier estimate never gets to that fraction within the cap; NaN in the CSV), an absent paper
+    number '-'; sweeps as whole numbers."""
+    if not name.startswith("rumelhart") or "median_sweeps" not in df:
+        return df
+    out = df.astype(object).copy()
+    for col in ("median_sweeps", "median_ci_low", "median_ci_high", "q25_sweeps", "q75_sweeps", "paper_sweeps"):
+        out[col] = [("-" if col == "paper_sweeps" else "not reached") if pd.isna(v) else f"{v:,.0f}"
+                    for v in df[col]]
+    out["solved_fraction"] = [f"{v:.1%}" for v in df["solved_fraction"]]
+    return out
 
 
 def git_describe() -> str:
@@ -474,7 +490,7 @@ def make_report(path, out_dir=None, figures_dir=None, only: str | None = None) -
         log.info("figure %s -> %s (.png, .pdf)%s", f.name, out / "figures" / f.name, also)
     for name, (df, _) in tables.items():
         df.to_csv(out / "tables" / f"{name}.csv", index=False)
-        (out / "tables" / f"{name}.md").write_text(md_table(df) + "\n")
+        (out / "tables" / f"{name}.md").write_text(md_table(shown_table(name, df)) + "\n")
         log.info("table %s -> %s", name, out / "tables" / f"{name}.md")
     report = out / "report.md"
     if only is None:
@@ -494,7 +510,7 @@ def _markdown(path, exps, drawn, skipped, tables, cmd) -> str:
     if tables:
         lines += ["## Tables", ""]
         for name, (df, note) in tables.items():
-            lines += [f"### {titles.get(name, name)}", "", md_table(df), "", note, "",
+            lines += [f"### {titles.get(name, name)}", "", md_table(shown_table(name, df)), "", note, "",
                       f"Files: [tables/{name}.csv](tables/{name}.csv), [tables/{name}.md](tables/{name}.md)", ""]
     lines += ["## Figures", ""]
     for f, caption in drawn:

@@ -66,7 +66,9 @@ def km_summary(solved_step, cap, confidence: float = 0.95) -> dict:
     cap), median, q25, q75 (first sweep by which 50%, 25%, 75% are solved; NaN when not reached) and
     median_ci_low, median_ci_high: the `confidence` interval of the median, the sweeps at which the
     log-log pointwise band of the survival function first falls to 0.5 (Brookmeyer & Crowley 1982);
-    the high end is NaN when the band's upper edge never gets there.
+    the high end is NaN when the band's upper edge never gets there. A diverged run is passed as unsolved
+    (solved_step NaN) with its cap: censoring it at its diverged step instead would treat it as a run
+    that might still solve, which it will not.
     """
     t = pd.to_numeric(pd.Series(solved_step), errors="coerce").astype(float).to_numpy()
     caps = np.broadcast_to(np.asarray(cap, float), t.shape)
@@ -232,10 +234,10 @@ def rumelhart_table(runs: pd.DataFrame) -> tuple[pd.DataFrame, str]:
             "that never met the criterion is right-censored at the cap (a diverged seed too: it has not solved "
             "the task and will not). solved = seeds solved within the cap, solved_fraction = the Kaplan-Meier "
             "fraction solved at the cap (equal to solved/seeds when every seed ran to the same cap); "
-            "median_sweeps, q25_sweeps, q75_sweeps = first sweep by which 50%, 25%, 75% are solved, empty "
+            "median_sweeps, q25_sweeps, q75_sweeps = first sweep by which 50%, 25%, 75% are solved, 'not reached' "
             "(NaN in the CSV) where that fraction is not reached within the cap; median_ci_low/high = 95% "
             "confidence interval of the median from the log-log pointwise band of the survival function "
-            "(Brookmeyer-Crowley: the sweeps where that band crosses 50%; empty: not reached). paper_sweeps: "
+            "(Brookmeyer-Crowley: the sweeps where that band crosses 50%). paper_sweeps: "
             "the papers' number (parity: 'presentations'). The papers report single runs.")
     return pd.DataFrame(rows), note
 

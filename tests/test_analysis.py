@@ -425,7 +425,8 @@ TINY_SWEEP = [
        "model.init=he", "model.width=8", "ensemble=2", "train.steps=4", "log.every=2"]
       for a in ("sigmoid", "relu") for n in ("none", "batchnorm") for d in (1, 3)],
 ]
-EXPECTED_FIGURES = ["seed_xor-charts", "seed_xor-twin_lockstep", "seed_xor-twin_free_running", "rumelhart-sweeps", "rumelhart-symmetry_weights",
+EXPECTED_FIGURES = ["seed_xor-charts", "seed_xor-twin_lockstep", "seed_xor-twin_free_running", "rumelhart-sweeps",
+                    "rumelhart-symmetry_weights",
                     "nielsen_ch5-digits-nielsen-bias_grad_profile", "meanfield-ratios",
                     "depth_sweep-digits-he-profile_delta_norm", "depth_sweep-digits-he-profile_grad_norm",
                     "depth_sweep-grad_ratio", "depth_sweep-trainability", "depth_sweep-digits-he-training_dynamics"]
