@@ -47,7 +47,9 @@ def _method_order(methods) -> list:
 
 def rumelhart_depth_table(runs: pd.DataFrame) -> pd.DataFrame:
     """problem, method, depth, seeds, solved, median_sweeps (Kaplan-Meier over all seeds, censored at the cap),
-    plus the KM fraction solved at the cap, the median's 95% CI and the cap."""
+    plus the KM fraction solved at the cap, the median's 95% CI, the quartiles, the cap and the paper's number
+    (one hidden layer, 1986 setup only): the columns of analysis.tables' 1986 table, so the report shows both
+    the same way."""
     _require(runs, "rumelhart_depth")
     r = _methods(runs)
     rows = []
@@ -56,7 +58,11 @@ def rumelhart_depth_table(runs: pd.DataFrame) -> pd.DataFrame:
         rows.append({"problem": task, "method": method, "depth": int(depth), "lr": float(g["lr"].iloc[0]),
                      "init_scale": g["init_scale"].iloc[0], "seeds": s["seeds"],
                      "solved": s["solved"], "median_sweeps": s["median"], "solved_fraction": s["solved_fraction"],
-                     "median_ci_low": s["median_ci_low"], "median_ci_high": s["median_ci_high"], "cap": s["cap"]})
+                     "median_ci_low": s["median_ci_low"], "median_ci_high": s["median_ci_high"],
+                     "q25_sweeps": s["q25"], "q75_sweeps": s["q75"], "cap": s["cap"],
+                     # the papers' one run, one hidden layer, 1986 setup (REFERENCES.md); parity's are presentations
+                     "paper_sweeps": PAPER_SWEEPS_D1.get(task, math.nan)
+                     if depth == 1 and method == "1986 sigmoid" else math.nan})
     out = pd.DataFrame(rows)
     order = {m: i for i, m in enumerate(_method_order(out["method"]))}
     out["_p"] = out["problem"].map({"symmetry": 0, "parity": 1}).fillna(2)

@@ -169,6 +169,11 @@ def test_rumelhart_depth_table_is_kaplan_meier_over_all_seeds():
     assert row["median_sweeps"] == median == 60
     # the 1986 recipe comes first in each problem
     assert t["method"].iloc[0] == "1986 sigmoid"
+    # the report's markdown view of "rumelhart*" tables needs the 1986 table's columns: it must render ours
+    from analysis.report import shown_table
+
+    shown = shown_table("rumelhart_depth", t)
+    assert shown.loc[1, "median_sweeps"] == "not reached" and shown.loc[0, "paper_sweeps"] == "1,425"
 
 
 def test_bn_layer_rates_recovers_a_geometric_profile():
