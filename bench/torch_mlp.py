@@ -189,3 +189,32 @@ class TorchMLP(nn.Module):
         for name, b in self.named_buffers():
             if name.endswith("running_mean") or name.endswith("running_var"):
                 b[k] = 1.0 if name.endswith("var") else 0.0
+
+
+def hidden_jacobian(net: TorchMLP, x) -> np.ndarray:
+    """The twin of `bench.numpy_mlp.hidden_jacobian` by autograd (torch.func.jacrev): d a^L / d a^1 for each
+    member and input, (E, B, N, N) as a NumPy array. Evaluation mode, no batch norm."""
+    from torch.func import jacrev
+
+    spec = net.spec
+    if spec.norm != "none" or len(set(spec.widths)) != 1:
+        raise ValueError("hidden_jacobian needs equal hidden widths and no batch norm")
+    x = net.asarray(x)
+    x = x[None] if x.ndim == 2 else x
+    with torch.no_grad():
+        first = net.layers[0]
+        a1 = first(x, x, False, False)  # (E, B, N): the first hidden layer's output
+    E, B = net.params[net.names[0]].shape[0], a1.shape[1]
+    out = np.empty((E, B, a1.shape[2], a1.shape[2]))
+    for e in range(E):
+        def upper(a, e=e):  # a^1 of one input, (N,) -> a^L, (N,), through member e's hidden layers 2..L
+            a = a[None, None]
+            for layer in net.layers[1:spec.depth]:
+                n = torch.matmul(a, layer.weight[e]) + layer.bias[e]
+                h = _PHI[layer.act](n)
+                a = a + h if layer.residual else h
+            return a[0, 0]
+
+        for b in range(B):
+            out[e, b] = jacrev(upper)(a1[e if a1.shape[0] > 1 else 0, b]).detach().cpu().numpy()
+    return out
