@@ -6,6 +6,12 @@ runs file is written last and is the commit marker: a job whose runs file exists
 files start with "." so that ``pd.read_parquet(exp_dir / "layers")`` (pyarrow's dataset discovery
 ignores names starting with "." or "_") never sees a partial file.
 
+``results_dir/<name>/done/<run_id>`` is an index beside the tables: an empty-ish file per complete
+run, written (atomically) after the job's runs file. Deciding whether a run needs training is then
+one ``stat``, the same cost at the first job of a sweep as at the 10,000th, where reading every runs
+file grew with the sweep. The index is derived: delete ``done/`` and the next writer rebuilds it
+from the runs tables. ``compact`` merges many small files into few (see its docstring).
+
 This module knows nothing about training; it only writes and reads the tables.
 """
 
@@ -175,11 +181,12 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
 
 
 def write_job(exp_dir, job_id: str, runs, steps, layers) -> None:
-    """Write one job's three tables atomically, runs last (the commit marker).
+    """Write one job's three tables atomically, runs last (the commit marker), then its runs' done
+    markers (the index that `completed` reads).
 
     ``job_id`` (all tables), ``schema_version`` and ``created_at`` (runs; now, UTC) are filled in
-    when absent. Rewriting a job first removes its runs file, so a crash midway leaves the job
-    incomplete (it is retried) rather than old runs rows beside new steps.
+    when absent. Rewriting a job first removes its done markers and its runs file, so a crash midway
+    leaves the job incomplete (it is retried) rather than old runs rows beside new steps.
     """
     exp_dir, tables = Path(exp_dir), {}
     for table, data in (("steps", steps), ("layers", layers), ("runs", runs)):
@@ -195,9 +202,81 @@ def write_job(exp_dir, job_id: str, runs, steps, layers) -> None:
             raise ValueError(f"{table}.job_id: rows belong to another job than {job_id!r}")
     for table in SCHEMAS:
         (exp_dir / table).mkdir(parents=True, exist_ok=True)
+    _ensure_index(exp_dir)
+    rids, status = tables["runs"].column("run_id").to_pylist(), tables["runs"].column("status").to_pylist()
+    for r in rids:
+        (exp_dir / DONE / r).unlink(missing_ok=True)
     (exp_dir / "runs" / f"{job_id}.parquet").unlink(missing_ok=True)
     for table in ("steps", "layers", "runs"):
         _write_atomic(tables[table], exp_dir / table / f"{job_id}.parquet")
+    for r, s in zip(rids, status):
+        if s in _COMPLETE:
+            _mark_done(exp_dir, r, job_id, s)
+
+
+# ---- the done index: one file per complete run -------------------------------------------------
+DONE = "done"  # beside the table folders, never inside one: pyarrow's discovery of a table is unaffected
+
+
+def _mark_done(exp_dir: Path, rid: str, job: str, status: str) -> None:
+    """done/<run_id> holds "<job_id> <status>"; written to a hidden temp name, then renamed, so two
+    workers marking at once each leave a whole file (the last rename wins)."""
+    path = exp_dir / DONE / rid
+    tmp = path.with_name(f".{rid}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(f"{job} {status}\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _ensure_index(exp_dir: Path) -> None:
+    """Create done/, first filling it from the runs tables when results predate the index.
+
+    The rebuild fills a hidden folder and renames it into place, so a reader never sees a half
+    index; if another worker's rename won the race, ours is discarded (both hold the same facts).
+    """
+    import shutil
+
+    index = exp_dir / DONE
+    if index.is_dir():
+        return
+    if not (exp_dir / "runs").is_dir() or not any((exp_dir / "runs").glob("*.parquet")):
+        index.mkdir(parents=True, exist_ok=True)
+        return
+    tmp = exp_dir / f".{DONE}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        runs = _newest_runs(load_table(exp_dir, "runs", ["run_id", "job_id", "status", "created_at"]))
+        for r, j, s in zip(*(runs.column(c).to_pylist() for c in ("run_id", "job_id", "status"))):
+            if s in _COMPLETE:
+                (tmp / r).write_text(f"{j} {s}\n")
+        try:
+            os.rename(tmp, index)
+        except OSError:  # another worker built it first (ENOTEMPTY/EEXIST)
+            if not index.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def completed(exp_dir, run_ids) -> set[str]:
+    """The run ids among ``run_ids`` that need no rerun: one ``stat`` per id in the done index,
+    whatever the size of the experiment (no table is read once the index exists)."""
+    exp_dir = Path(exp_dir)
+    if not (exp_dir / "runs").is_dir():
+        return set()
+    _ensure_index(exp_dir)
+    index = exp_dir / DONE
+    return {r for r in run_ids if (index / r).is_file()}
+
+
+def count_completed(exp_dir) -> int:
+    """How many runs the done index holds (a directory listing, no table read)."""
+    index = Path(exp_dir) / DONE
+    return sum(1 for e in os.scandir(index) if not e.name.startswith(".")) if index.is_dir() else 0
 
 
 def other_version_files(exp_dir, job_id: str) -> list[tuple[Path, int]]:
@@ -383,3 +462,121 @@ def load(path, config_columns: list[str] | bool | None = None) -> Results:
     steps = _rows(path, "steps", runs, SORT_KEYS["steps"][1:], config)
     layers = _rows(path, "layers", runs, SORT_KEYS["layers"][1:], config)
     return Results(_to_pandas(runs), _to_pandas(steps), _to_pandas(layers))
+
+
+# ---- compaction: many small files -> few large ones ----------------------------------------------
+ROWS_PER_FILE = 4_000_000  # per compacted steps/layers file; a run never straddles two files
+
+
+def _manifests(exp_dir: Path) -> list[Path]:
+    return sorted(exp_dir.glob(".compact-*.json"))
+
+
+def _finish(exp_dir: Path, manifest: Path) -> None:
+    """Complete a committed compaction: move its new files into place, then delete the old ones.
+    Idempotent, so an interrupted compaction is finished by the next `compact`."""
+    plan = json.loads(manifest.read_text())
+    for tmp, final in plan["new"]:
+        if (exp_dir / tmp).exists():
+            os.replace(exp_dir / tmp, exp_dir / final)
+    for old in plan["old"]:
+        (exp_dir / old).unlink(missing_ok=True)
+    manifest.unlink(missing_ok=True)
+
+
+def compact(exp_dir, rows_per_file: int = ROWS_PER_FILE) -> dict[str, tuple[int, int]]:
+    """Merge an experiment's per-job files into a few sorted files per table; returns
+    {table: (files before, files after)}.
+
+    What load() would return is unchanged: only the runs rows load() keeps (newest per run_id) and
+    those runs' steps/layers rows are written, sorted as load() returns them, each run's rows in one
+    file. Rows without a runs row (a killed or a still-running job) are dropped, so run it while
+    nothing else writes to the experiment. Memory is bounded by about one output file: runs are cut
+    into groups of about `rows_per_file` rows (by run_id order, using the row counts in the files'
+    footers) and each group is one pass over the input files.
+
+    Safe to interrupt: new files are written under hidden names, then a manifest naming old and new
+    files is renamed into place (the commit); only after that are new files made visible and old
+    ones deleted. Killed before the commit: the old files are untouched and hidden litter is all
+    that is left (removed by the next compact). Killed after: the next compact finishes the job;
+    until then old and new files hold the same rows, and load() keeps each once (a raw
+    pd.read_parquet would see them twice).
+    """
+    import secrets
+
+    exp_dir = Path(exp_dir)
+    for m in _manifests(exp_dir):
+        _finish(exp_dir, m)
+    for table in SCHEMAS:  # litter of a compaction killed before its commit
+        for p in (exp_dir / table).glob(".compact-*"):
+            p.unlink(missing_ok=True)
+    old = {t: sorted(p for p in (exp_dir / t).glob("*.parquet") if not p.name.startswith((".", "_")))
+           for t in SCHEMAS}
+    if not old["runs"]:
+        return {t: (len(v), len(v)) for t, v in old.items()}
+    runs = _newest_runs(load_table(exp_dir, "runs"))
+    token = secrets.token_hex(4)
+    new: list[tuple[str, str]] = []
+
+    def put(table: str, t: pa.Table, i: int) -> None:
+        name = f"compact-{token}-{i:05d}.parquet"
+        tmp = exp_dir / table / f".{name}"
+        t = pa.Table.from_arrays(t.columns, schema=SCHEMAS[table])  # with the schema's version metadata
+        floats = [f.name for f in t.schema if pa.types.is_floating(f.type)]
+        with open(tmp, "wb") as f:
+            pq.write_table(t, f, compression="zstd", use_dictionary=_DICT_COLUMNS, use_byte_stream_split=floats,
+                           row_group_size=1 << 20)
+            f.flush()
+            os.fsync(f.fileno())
+        new.append((f"{table}/.{name}", f"{table}/{name}"))
+
+    put("runs", runs, 0)
+    # rows per run, from the footers (no data read): a job's rows divide evenly among its members
+    per_job, total = {}, 0
+    for p in old["layers"] + old["steps"]:
+        try:
+            n = pq.ParquetFile(p).metadata.num_rows
+        except (OSError, pa.ArrowException):
+            continue
+        per_job[p.stem] = per_job.get(p.stem, 0) + n
+        total += n
+    members = {d["values"]: d["counts"] for d in pc.value_counts(runs["job_id"]).to_pylist()}
+    jobs = runs["job_id"].to_pylist()
+    known = [j in per_job for j in jobs]
+    # runs of earlier compacted files (not named by job): share what the named files do not hold
+    rest = max(0, total - sum(per_job.get(j, 0) for j in members)) / max(1, known.count(False))
+    cost = np.array([per_job[j] / members[j] if k else rest for j, k in zip(jobs, known)])
+    group = (np.cumsum(cost) // max(1, rows_per_file)).astype(np.int64)
+    for i, g in enumerate(np.unique(group)):
+        part = runs.filter(pa.array(group == g))
+        for table in ("steps", "layers"):
+            put(table, _rows(exp_dir, table, part, SORT_KEYS[table][1:], []), i)
+    manifest = exp_dir / f".compact-{token}.json"
+    tmp = exp_dir / f".compact-{token}.json.tmp"
+    plan = {"old": [str(p.relative_to(exp_dir)) for v in old.values() for p in v], "new": new}
+    tmp.write_text(json.dumps(plan))
+    os.replace(tmp, manifest)  # the commit
+    _finish(exp_dir, manifest)
+    return {t: (len(old[t]), sum(1 for _, f in new if f.startswith(t + "/"))) for t in SCHEMAS}
+
+
+def _main(argv=None) -> None:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m bench.results", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("compact", help="merge an experiment's many small files into few (atomic, resumable)")
+    c.add_argument("exp_dir", help="results_dir/name")
+    c.add_argument("--rows-per-file", type=int, default=ROWS_PER_FILE)
+    args = parser.parse_args(argv)
+    exp_dir = Path(args.exp_dir)
+    if not (exp_dir / "runs").is_dir():
+        print(f"error: {exp_dir} has no runs/ folder: give results_dir/name of an experiment", file=sys.stderr)
+        sys.exit(2)
+    counts = compact(exp_dir, args.rows_per_file)
+    print(", ".join(f"{t}: {a} -> {b} files" for t, (a, b) in counts.items()))
+
+
+if __name__ == "__main__":
+    _main()
