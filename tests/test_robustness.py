@@ -611,7 +611,7 @@ def test_job_over_the_memory_limit_is_refused_up_front(exp, monkeypatch, capsys)
     t0 = time.perf_counter()
     code, lines = cli(monkeypatch, capsys, *_args(["model.width=100000", "model.depth=8", "ensemble=64"], root))
     assert time.perf_counter() - t0 < 10
-    assert_one_line(code, lines, 2, ["ensemble=64 (64 to train) x model widths [100000,", "needs about",
+    assert_one_line(code, lines, 2, ["ensemble=64 x model widths [100000,", "needs about",
                                      "GiB, over the", "70% of available memory", "lower ensemble"])
     assert snapshot(root) == before
     # a fresh experiment name: not even its folder is created

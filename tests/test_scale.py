@@ -161,3 +161,37 @@ def test_compact_cli(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'nope'} has no runs/ folder: give results_dir/name of an experiment"]
+
+
+# ---- refusals up front ------------------------------------------------------------------------------
+def _tree(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+REFUSED = [  # (args, words the one line must hold): the estimate and the knob that fixes it
+    (["ensemble=100000000"], ["ensemble=100000000", "needs about", "GiB, over the", "lower ensemble",
+                              "raise max_memory_gb"]),
+    (["train.steps=1000000000000"], ["10000000001 logged steps", "needs about", "raise log.every"]),
+    (["name=../escape"], ["name='../escape'", "plain folder name"]),
+    (["-m", "name=ok,../escape"], ["name='../escape'", "plain folder name"]),
+    (["-m", "seed=0,1", "name=../escape"], ["name='../escape'", "plain folder name"]),
+]
+
+
+@pytest.mark.parametrize("args,needles", REFUSED, ids=[" ".join(a) for a, _ in REFUSED])
+def test_refused_up_front_leaves_nothing(args, needles, tmp_path):
+    """One line, exit 2, and not a folder anywhere under tmp_path (results_dir's parent, where
+    name=../escape would land). Refused by arithmetic before any allocation: timed by hand (see the
+    report), not here."""
+    from conftest import run_cli
+
+    root = tmp_path / "results"
+    (root / "keep").mkdir(parents=True)
+    before = _tree(tmp_path)
+    proc = run_cli(*args, f"results_dir={root}", "progress=none", timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert _tree(tmp_path) == before
