@@ -33,7 +33,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1  # bump when a column changes meaning or type; readers skip other versions
+# bump when a column changes meaning or type; readers skip other versions.
+# 2: steps.loss became the whole training set's evaluation-mode loss (the batch's is steps.batch_loss)
+SCHEMA_VERSION = 2
 _META_VERSION, _META_TABLE = b"vgbench.schema_version", b"vgbench.table"
 
 # Keys that do not change what a run computes: where it is written, how it was launched, how many
@@ -71,7 +73,10 @@ RUNS_SCHEMA = _schema("runs", [
              "final_test_loss", "final_test_accuracy", "solved_step", "git_commit"})
 
 STEPS_SCHEMA = _schema("steps", [
-    ("run_id", _S), ("job_id", _S), ("step", _I), ("loss", _F), ("accuracy", _F),
+    ("run_id", _S), ("job_id", _S), ("step", _I),
+    ("loss", _F),  # the whole training set, evaluation mode (batch norm: running statistics)
+    ("batch_loss", _F),  # this step's training batch, training mode: what the gradient is of
+    ("accuracy", _F),  # the whole training set, evaluation mode
     ("test_loss", _F), ("test_accuracy", _F),
 ], nullable={"accuracy", "test_loss", "test_accuracy"})
 

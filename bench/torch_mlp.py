@@ -122,6 +122,16 @@ class TorchMLP(nn.Module):
     def to_numpy(t: torch.Tensor) -> np.ndarray:
         return t.detach().cpu().numpy()
 
+    @torch.no_grad()
+    def load_state(self, params: dict[str, np.ndarray], buffers: dict[str, np.ndarray]) -> None:
+        """Copy another network's parameters and batch-norm buffers in (by name: both nets use the
+        names of `NetSpec.params()`), so this twin redoes a step on exactly those values (lockstep)."""
+        for name, p in self.params.items():
+            p.copy_(self.asarray(params[name]))
+        for name, b in self.named_buffers():
+            if name in buffers:
+                b.copy_(self.asarray(buffers[name]))
+
     def forward(self, x: torch.Tensor, train: bool = True, record: bool = False) -> torch.Tensor:
         a = x
         for layer in self.layers:

@@ -152,24 +152,77 @@ class TrainOutput:
     params: dict[str, np.ndarray] = field(default_factory=dict)  # final parameters (NumPy)
 
 
+class LoggedMetrics:
+    """What a logged step measures on one network, and the batches it trains on, in that network's
+    array type (so the torch twin can measure the same step the same way).
+
+    batch_loss     the training-mode loss of this step's batch (what the gradient is of)
+    loss           the whole training set's loss in evaluation mode (batch norm: running statistics);
+                   the same number as batch_loss for full-batch nets without batch norm, reused then
+    accuracy       on the whole training set, evaluation mode (binary and classification tasks)
+    test_loss, test_accuracy  on the test set, evaluation mode (tasks with one)
+    Per-layer statistics (`net.layer_stats()`) come from this step's training backward pass.
+    """
+
+    def __init__(self, net, task: Task, spec: NetSpec, tspec: TrainSpec, record: bool = True):
+        dt = tspec.dtype
+        self.task, self.record, self.to_numpy = task, record, net.to_numpy
+        self.X, self.Y = net.asarray(task.x_train.astype(dt)), net.asarray(task.y_train.astype(dt))
+        self.X1, self.Y1 = self.X[None], self.Y[None]  # (1, N, .): the full batch, broadcast over members
+        self.test = None
+        if task.x_test is not None:
+            self.test = (net.asarray(task.x_test.astype(dt))[None], net.asarray(task.y_test.astype(dt))[None])
+        self.full = tspec.batch_size is None or tspec.batch_size >= task.n_train
+        # a full-batch training forward without batch norm IS the evaluation forward: reuse its loss
+        self.reuse = self.full and spec.norm == "none"
+        self.scored = task.kind in ("binary", "classification")
+        self.torch_idx = type(self.X).__module__.startswith("torch")
+        self.asarray = net.asarray
+
+    def batch(self, idx):
+        """(inputs, targets) for `Batches.indices` (None: the full batch)."""
+        if idx is None:
+            return self.X1, self.Y1
+        if self.torch_idx:
+            idx = self.asarray(idx).long()
+        return self.X[idx], self.Y[idx]
+
+    def measure(self, net, batch_loss: np.ndarray, y) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """(metrics {name: (E,) float64}, per-layer statistics) right after a training backward pass."""
+        to_numpy, task = self.to_numpy, self.task
+        # statistics first: the evaluation forwards below overwrite the layers' caches
+        stats = net.layer_stats() if self.record else None
+        metrics = {"batch_loss": batch_loss}
+        if self.reuse:
+            metrics["loss"], y_train = batch_loss, y
+        else:
+            loss, y_train = net.evaluate(self.X1, self.Y1)
+            metrics["loss"] = to_numpy(loss).astype(np.float64)
+        if self.scored:
+            metrics["accuracy"] = correct(task, to_numpy(y_train), task.y_train[None]).mean(1)
+        if self.test is not None:
+            test_loss, test_y = net.evaluate(*self.test)
+            metrics["test_loss"] = to_numpy(test_loss).astype(np.float64)
+            if self.scored:
+                metrics["test_accuracy"] = correct(task, to_numpy(test_y), task.y_test[None]).mean(1)
+        return metrics, stats
+
+
 def train(task: Task, spec: NetSpec, tspec: TrainSpec, params: dict[str, np.ndarray], backend: str,
-          seeds, on_log=None, record: bool = True) -> TrainOutput:
+          seeds, on_log=None, record: bool = True, lockstep=None) -> TrainOutput:
     """Train E = len(seeds) members from initial `params` {name: (E, ...)}; see the module docstring.
 
     on_log(step, losses) is called at every logged step (progress bars); record=False skips the
     per-layer statistics (the loss is still logged), to measure what recording costs.
+    lockstep(step, net, buffers_before, batch_idx, alive, metrics, stats) is called at every logged
+    step, before the update, with what a second network needs to redo the step on exactly these
+    parameters (`bench.twin` uses it to check the torch twin in lockstep).
     """
     t0 = time.perf_counter()
     E = len(seeds)
     net = make_network(backend, spec, params, tspec)
-    dt = tspec.dtype
-    X, Y = net.asarray(task.x_train.astype(dt)), net.asarray(task.y_train.astype(dt))
-    X1, Y1 = X[None], Y[None]  # (1, N, .): the full batch, broadcast over members
-    has_test = task.x_test is not None
-    if has_test:
-        Xt, Yt = net.asarray(task.x_test.astype(dt))[None], net.asarray(task.y_test.astype(dt))[None]
+    data = LoggedMetrics(net, task, spec, tspec, record)
     batches = Batches(task.x_train, task.y_train, tspec.batch_size, seeds)
-    scored = task.kind in ("binary", "classification")
     track_solved = task.kind == "binary" and batches.full  # sweeps to solution, checked every sweep
     opt = SGD.for_net(net)
     rec = Recorder(spec)
@@ -188,18 +241,16 @@ def train(task: Task, spec: NetSpec, tspec: TrainSpec, params: dict[str, np.ndar
     y_solve = task.y_train[None]  # (1, N, n_out) float64 targets, as `correct` compares them
     loss_and_grads, to_numpy, last_step = net.loss_and_grads, net.to_numpy, tspec.steps
     lr_at, momentum_at, weight_decay = tspec.lr_at, tspec.momentum_at, tspec.weight_decay
-    logged_every, torch_idx = tspec.log_every, backend == "torch"
+    logged_every = tspec.log_every
     last = {}
     with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
         for t in range(last_step + 1):
             logged = t % logged_every == 0 or t == last_step  # = tspec.logged(t)
             idx = batches.indices(t)
-            if idx is None:
-                xb, yb = X1, Y1
-            else:
-                if torch_idx:
-                    idx = net.asarray(idx).long()
-                xb, yb = X[idx], Y[idx]
+            xb, yb = data.batch(idx)
+            if logged and lockstep is not None:
+                # the twin must start from the buffers this step's training forward is about to update
+                buffers_before = {k: v.copy() for k, v in net.buffers.items()}
             losses, y = loss_and_grads(xb, yb, record=logged and record)
             loss_np = to_numpy(losses)
             if loss_np.dtype != np.float64:
@@ -225,20 +276,15 @@ def train(task: Task, spec: NetSpec, tspec: TrainSpec, params: dict[str, np.ndar
                     solved[(solved < 0) & ok & alive] = t
                     unsolved = bool(((solved < 0) & alive).any())
             if logged:
-                metrics = {"loss": loss_np}
-                if scored:
-                    metrics["accuracy"] = correct(task, to_numpy(y), to_numpy(yb)).mean(1)
-                if record:  # before the test-set forward below, which overwrites the layers' caches
-                    rec.log_layers(t, alive, net.layer_stats())
-                if has_test:
-                    test_loss, test_y = net.evaluate(Xt, Yt)
-                    metrics["test_loss"] = to_numpy(test_loss).astype(np.float64)
-                    if scored:
-                        metrics["test_accuracy"] = correct(task, to_numpy(test_y), task.y_test[None]).mean(1)
+                metrics, stats = data.measure(net, loss_np, y)
+                if record:
+                    rec.log_layers(t, alive, stats)
                 rec.log_step(t, alive, **metrics)
                 last = metrics
+                if lockstep is not None:
+                    lockstep(t, net, buffers_before, idx, alive, metrics, stats)
                 if on_log is not None:
-                    on_log(t, loss_np)
+                    on_log(t, metrics["loss"])
             if t == last_step or (not alive.all() and not alive.any()):
                 break
             opt.step(net.params, net.grads, lr_at(t), momentum_at(t), weight_decay)

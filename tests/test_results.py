@@ -53,7 +53,7 @@ def _job(seed=0, ensemble=2, created=datetime(2024, 1, 1, tzinfo=UTC), status=No
     }
     logged = [0, 10, 20]
     steps = pd.DataFrame([
-        {"run_id": r, "step": s, "loss": mark + k + s / 100, "accuracy": 0.5,
+        {"run_id": r, "step": s, "loss": mark + k + s / 100, "batch_loss": mark + k + s / 100 + 0.5, "accuracy": 0.5,
          "test_loss": None, "test_accuracy": None}
         for k, r in enumerate(rids) for s in reversed(logged)  # written unsorted on purpose
     ])
@@ -89,7 +89,7 @@ def test_round_trip_names_dtypes_values(tmp_path):
     assert dt["batch_size"] == dt["diverged_step"] == dt["solved_step"] == "Int64"
     assert dt["residual"] == "bool" and dt["lr"] == dt["init_scale"] == "float64"
     assert dt["created_at"] == "datetime64[us, UTC]"
-    assert res.steps.dtypes.astype(str).tolist() == ["str", "str", "int64"] + ["float64"] * 4
+    assert res.steps.dtypes.astype(str).tolist() == ["str", "str", "int64"] + ["float64"] * 5
     assert res.layers.dtypes.astype(str).tolist() == (
         ["str", "str", "int64", "int64", "str"] + ["float64"] * 7)
 
@@ -134,7 +134,7 @@ def test_file_metadata_and_encoding(tmp_path):
     jid, _, runs, steps, layers = _job()
     R.write_job(tmp_path, jid, runs, steps, layers)
     f = pq.ParquetFile(tmp_path / "layers" / f"{jid}.parquet")
-    assert f.schema_arrow.metadata[b"vgbench.schema_version"] == b"1"
+    assert f.schema_arrow.metadata[b"vgbench.schema_version"] == str(R.SCHEMA_VERSION).encode()
     col = f.metadata.row_group(0).column(0)
     assert col.compression == "ZSTD" and "RLE_DICTIONARY" in col.encodings
 
@@ -255,7 +255,7 @@ def test_bad_files_skipped_with_warning(tmp_path):
     messages = "\n".join(str(w.message) for w in caught)
     for bad in (truncated, garbage, foreign, old):
         assert str(bad) in messages
-    assert "schema_version 0, this code reads 1" in messages
+    assert f"schema_version 0, this code reads {R.SCHEMA_VERSION}" in messages
     assert str(good) not in messages
     assert len(res.layers) == 24 and set(res.layers.run_id) == set(rids)
     assert len(res.steps) == 6 and res.runs.run_id.tolist() == sorted(rids)

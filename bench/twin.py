@@ -1,0 +1,182 @@
+"""`python -m bench.twin [overrides]`: the lockstep twin check, NumPy against PyTorch on the same step.
+
+Why lockstep: two free-running trajectories cannot be compared beyond the first few steps of a chaotic
+net. In a deep batch-norm net a 1e-16 rounding difference grows about tenfold every ten steps, so the
+twins part ways although both are right. In lockstep the NumPy network trains as usual, and at every
+logged step the torch twin is loaded with exactly the NumPy network's current parameters and batch-norm
+buffers, takes the same batch, and recomputes the loss, the gradients, every per-layer statistic and the
+evaluation metrics. Any difference then comes from that one step's arithmetic, and in float64 it must
+stay below 1e-9 relative (the CLI exits 1 above that).
+
+How two numbers are compared (one rule per kind of quantity, each with its reason):
+  norms, losses      |a - b| / max(|a|, |b|): sums of squares and positive terms, no cancellation, so
+                     relative rounding stays ~1e-15 however small the value (vanishing layers included)
+  act_mean           |a - b| / (|a| + act_std): a mean of signed terms can cancel to ~0; its rounding
+                     is relative to the size of the terms averaged, which act_std measures
+  fractions          |a - b| (accuracy, act_saturation): counts over cases, already on the scale 1
+  running mean/var   |a - b| / max(|a|, |b|, 1): batch-norm buffers, O(1) by construction
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pandas as pd
+
+from bench.record import STATS
+from bench.spec import NetSpec, TrainSpec
+from bench.tasks import Task
+from bench.train import LoggedMetrics, make_network, train
+
+LIMIT = 1e-9  # float64 lockstep bound: one step's rounding is ~1e-15, so 1e-9 leaves room and still bites
+_FRACTIONS = {"accuracy", "test_accuracy", "act_saturation"}
+
+
+def rel_diff(quantity: str, a: np.ndarray, b: np.ndarray, act_std: np.ndarray | None = None) -> np.ndarray:
+    """Elementwise difference of two engines' values of `quantity` (see the module docstring)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    diff = np.abs(a - b)
+    if quantity in _FRACTIONS:
+        out = diff
+    elif quantity == "act_mean":
+        out = diff / np.maximum(np.abs(a) + np.abs(act_std), np.finfo(float).tiny)
+    elif quantity.startswith("running_"):
+        out = diff / np.maximum(np.maximum(np.abs(a), np.abs(b)), 1.0)
+    else:
+        scale = np.maximum(np.abs(a), np.abs(b))
+        out = np.where(scale > 0, diff / np.where(scale > 0, scale, 1.0), 0.0)
+    both_nan = np.isnan(a) & np.isnan(b)  # e.g. act_saturation of a softmax output: undefined in both
+    return np.where(both_nan, 0.0, np.where(np.isnan(out), np.inf, out))
+
+
+class Lockstep:
+    """The `train(..., lockstep=)` hook: redoes each logged step on the torch twin and keeps the worst
+    difference per (step, quantity), with the layer and parameter where it happened."""
+
+    def __init__(self, task: Task, spec: NetSpec, tspec: TrainSpec, params: dict[str, np.ndarray]):
+        self.twin = make_network("torch", spec, params, tspec)
+        self.data = LoggedMetrics(self.twin, task, spec, tspec, record=True)
+        self.layout = [(layer, kind) for _, kind, layer, _ in spec.params()]
+        self.rows: list[dict] = []
+
+    def __call__(self, step, net, buffers_before, idx, alive, metrics, stats) -> None:
+        twin = self.twin
+        twin.load_state(net.params, buffers_before)
+        losses, y = twin.loss_and_grads(*self.data.batch(idx), record=True)
+        metrics_t, stats_t = self.data.measure(twin, twin.to_numpy(losses).astype(np.float64), y)
+        for q, v in metrics.items():
+            self._add(step, q, rel_diff(q, v[alive], metrics_t[q][alive]), None)
+        std = stats[:, alive, STATS.index("act_std")]
+        for j, q in enumerate(STATS):
+            d = rel_diff(q, stats[:, alive, j], stats_t[:, alive, j], std)  # (n_params, alive members)
+            self._add(step, q, d, self.layout[int(np.unravel_index(np.argmax(d), d.shape)[0])] if d.size else None)
+        buffers_t = dict(twin.named_buffers())
+        for name, b in net.buffers.items():  # after the step: both forwards updated them the same way
+            q = name.split(".")[-1]
+            d = rel_diff(q, b[alive], twin.to_numpy(buffers_t[name])[alive])
+            self._add(step, q, d, (int(name.split(".")[1]) + 1, q))
+
+    def _add(self, step: int, quantity: str, d: np.ndarray, where) -> None:
+        worst = float(d.max()) if d.size else 0.0
+        prev = next((r for r in self.rows if r["step"] == step and r["quantity"] == quantity), None)
+        layer, param = where if where is not None else (None, None)
+        if prev is None:
+            self.rows.append({"step": step, "quantity": quantity, "max_rel_diff": worst, "layer": layer,
+                              "param": param})
+        elif worst > prev["max_rel_diff"]:
+            prev.update(max_rel_diff=worst, layer=layer, param=param)
+
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=["step", "quantity", "max_rel_diff", "layer", "param"])
+
+
+def lockstep(task: Task, spec: NetSpec, tspec: TrainSpec, params: dict[str, np.ndarray], seeds) -> pd.DataFrame:
+    """Train in NumPy with the torch twin in lockstep: one row per (logged step, quantity), the worst
+    difference over members, layers and parameters (see `rel_diff`)."""
+    check = Lockstep(task, spec, tspec, params)
+    train(task, spec, tspec, params, "numpy", seeds, lockstep=check)
+    return check.table()
+
+
+def lockstep_cfg(cfg) -> pd.DataFrame:
+    """`lockstep` for a composed Hydra config (its `ensemble` members; `backend` is ignored)."""
+    from bench.config import ConfigError, _enum, validate
+    from bench.init import init_params
+
+    task, spec, tspec = validate(cfg)
+    if tspec.dtype != "float64":
+        raise ConfigError(f"train.dtype={tspec.dtype}: the lockstep twin check runs in float64 (its 1e-9 "
+                          f"bound is float64's); use train.dtype=float64")
+    if tspec.device != "cpu":
+        raise ConfigError(f"train.device={tspec.device}: the NumPy side of the twin check runs on cpu only")
+    seeds = [cfg.seed + k for k in range(cfg.ensemble)]
+    params = init_params(spec, _enum(cfg.model.init), seeds, cfg.model.init_scale, cfg.model.init_bias)
+    return lockstep(task, spec, tspec, params, seeds)
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from bench.run import CONF_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def lockstep_from_run_config(config: dict, ensemble: int = 1) -> pd.DataFrame:
+    """The lockstep check of a stored run (its runs.config_json, as a dict) and the `ensemble - 1`
+    seeds after it: one row per logged step, the worst difference and which quantity it was."""
+    cfg = _compose(_overrides(config) + [f"ensemble={ensemble}"])
+    return per_step(lockstep_cfg(cfg))
+
+
+def _overrides(config: dict) -> list[str]:
+    """Hydra overrides that rebuild a stored semantic config (`bench.run.semantic_config`)."""
+    import json
+
+    out = [f"task={config['task']['name']}"]
+    for group in ("task", "model", "train", "log"):
+        for k, v in config.get(group, {}).items():
+            if not (group == "task" and k == "name"):
+                out.append(f"{group}.{k}={json.dumps(v) if v is not None else 'null'}")
+    out += [f"{k}={v}" for k, v in config.items() if k == "seed"]
+    return out
+
+
+def per_step(table: pd.DataFrame) -> pd.DataFrame:
+    """The worst quantity at each logged step: columns step, max_rel_diff, quantity, layer, param."""
+    worst = table.loc[table.groupby("step")["max_rel_diff"].idxmax()]
+    return worst[["step", "max_rel_diff", "quantity", "layer", "param"]].reset_index(drop=True)
+
+
+def summary_line(table: pd.DataFrame) -> str:
+    """One line ending in `max rel diff <number>` (the public contract)."""
+    w = table.loc[table["max_rel_diff"].idxmax()]
+    where = f", layer {int(w['layer'])} {w['param']}" if pd.notna(w["layer"]) else ""
+    return (f"lockstep twin check: {table['step'].nunique()} logged steps x {table['quantity'].nunique()} "
+            f"quantities, worst {w['quantity']} at step {int(w['step'])}{where}: max rel diff "
+            f"{w['max_rel_diff']:.3e}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.run import one_line
+
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip().splitlines()[0])
+        print("usage: python -m bench.run-style overrides, e.g. python -m bench.twin task=digits model.depth=16")
+        return 0
+    try:
+        table = lockstep_cfg(_compose(list(argv)))
+    except Exception as e:  # bad input: the same one line as bench.run
+        print(one_line(e), file=sys.stderr)
+        return 2
+    print(summary_line(table))
+    return 0 if table["max_rel_diff"].max() <= LIMIT else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
