@@ -133,6 +133,14 @@ class LogConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    # a long run saves its state (and streams its rows out) so that a killed or preempted job resumes
+    # where it was; launch-time settings: they do not change a run's id or its numbers
+    every_steps: int | None = None  # checkpoint after every k-th update; null: by time only
+    every_minutes: float | None = 10.0  # checkpoint when this long has passed since the last; null: never
+
+
+@dataclass
 class Config:
     task: Any = MISSING  # one of TASK_SCHEMAS, chosen by the task group
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -147,6 +155,7 @@ class Config:
     progress: Progress = Progress.auto  # auto: a bar on a terminal, log lines otherwise
     report: bool = False  # write the report (analysis.report) when a sweep ends
     max_memory_gb: float | None = None  # refuse jobs estimated above this; null: 70% of free memory
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 def register() -> None:
@@ -205,7 +214,8 @@ def _check_keys(cfg: DictConfig) -> None:
     import difflib
 
     nodes = [("", cfg, Config), ("model.", cfg.model, ModelConfig), ("train.", cfg.train, TrainConfig),
-             ("log.", cfg.log, LogConfig), ("task.", cfg.task, TASK_SCHEMAS.get(cfg.task.name))]
+             ("log.", cfg.log, LogConfig), ("task.", cfg.task, TASK_SCHEMAS.get(cfg.task.name)),
+             ("checkpoint.", cfg.checkpoint, CheckpointConfig)]
     for prefix, node, schema in nodes:
         if schema is None:
             continue
@@ -248,6 +258,11 @@ def validate(cfg: DictConfig) -> tuple[Task, NetSpec, TrainSpec]:
     _need(cfg.max_memory_gb is None or _finite_positive(cfg.max_memory_gb),
           f"max_memory_gb={cfg.max_memory_gb}: must be a number > 0, or null for 70% of available memory")
     check_name(cfg.name)
+    ck = cfg.checkpoint
+    _need(ck.every_steps is None or ck.every_steps >= 1,
+          f"checkpoint.every_steps={ck.every_steps}: must be >= 1, or null (by time only)")
+    _need(ck.every_minutes is None or _finite_positive(ck.every_minutes),
+          f"checkpoint.every_minutes={ck.every_minutes}: must be a number > 0, or null (never by time)")
     for key in ("init_scale", "init_bias"):
         v = m[key]
         _need(v is None or (math.isfinite(v) and v >= 0), f"model.{key}={v}: must be a finite number >= 0 or null")

@@ -29,6 +29,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bench import results
+from bench.checkpoint import CHUNK_ROWS, Session
 from bench.config import (ConfigError, NotADirectoryConfigError, _enum, check_name, estimate_bytes, estimate_disk_bytes, logged_steps, register,
                           rows_per_logged_step, validate)
 from bench.init import init_params
@@ -36,7 +37,7 @@ from bench.train import train
 
 log = logging.getLogger("bench")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the repository's conf/ (install with pip -e)
-NON_SEMANTIC = ("report", "max_memory_gb")  # beyond results.SEMANTIC_EXCLUDE: launch-time settings
+NON_SEMANTIC = ("report", "max_memory_gb", "checkpoint")  # beyond results.SEMANTIC_EXCLUDE: launch-time settings
 
 
 @lru_cache(maxsize=1)
@@ -154,14 +155,14 @@ def preflight(cfg: DictConfig):
     Runs from Hydra's on_run_start, before Hydra makes its log folder, and again in run()."""
     task, net, tspec = validate(cfg)
     E = cfg.ensemble
-    need = estimate_bytes(net, tspec, task, E, logged_in_memory=None)
+    # rows stream out in parts of about CHUNK_ROWS (bench.checkpoint): memory holds one part at most
+    in_memory = CHUNK_ROWS // (rows_per_logged_step(net) * E) + 1
+    need = estimate_bytes(net, tspec, task, E, logged_in_memory=in_memory)
     limit = _memory_limit_bytes(cfg)
     if need > limit:
-        rows = E * logged_steps(tspec) * rows_per_logged_step(net)
-        raise ConfigError(f"ensemble={E} x model widths {list(net.widths)} x {logged_steps(tspec)} logged steps "
-                          f"({rows:.3g} rows) needs about {_size(need)}, over the {_size(limit)} limit "
+        raise ConfigError(f"ensemble={E} x model widths {list(net.widths)} needs about {_size(need)}, over the {_size(limit)} limit "
                           f"({'max_memory_gb' if cfg.max_memory_gb is not None else '70% of available memory'}): "
-                          f"lower ensemble, width or train.batch_size, raise log.every, or raise max_memory_gb")
+                          f"lower ensemble, width or train.batch_size, or raise max_memory_gb")
     disk = estimate_disk_bytes(net, tspec, E)
     free = _free_disk(Path(cfg.results_dir))
     if disk > free:
@@ -194,6 +195,14 @@ def run(cfg: DictConfig) -> dict[str, int]:
                           f"or choose another name")
     threads = _threads_for_launcher()
     progress = _Progress(_enum(cfg.progress), tspec.steps, desc)
+    rid = np.array([ids[k] for k in todo], dtype=object)
+    running_runs, _, _ = _tables(cfg, net, tspec, members, ids, todo, job, None, None, 0.0)
+    running_runs["status"] = ["running"] * len(todo)
+    session = Session(exp_dir, job, lambda st, la: (results.sorted_table("steps", _rows_of(st, rid, "steps"), job),
+                                                   results.sorted_table("layers", _rows_of(la, rid, "layers"), job)),
+                      running_runs, cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes)
+    if cfg.overwrite:
+        session.remove()  # retrain from scratch, not from an old checkpoint
     t0 = time.perf_counter()
     try:
         params = init_params(net, _enum(cfg.model.init), seeds, cfg.model.init_scale, cfg.model.init_bias)
@@ -205,10 +214,12 @@ def run(cfg: DictConfig) -> dict[str, int]:
                     import torch
 
                     torch.set_num_threads(threads)
-                out = train(task, net, tspec, params, _enum(cfg.backend), seeds, on_log=progress)
+                out = train(task, net, tspec, params, _enum(cfg.backend), seeds, on_log=progress, session=session)
         else:
-            out = train(task, net, tspec, params, _enum(cfg.backend), seeds, on_log=progress)
+            out = train(task, net, tspec, params, _enum(cfg.backend), seeds, on_log=progress, session=session)
         error = None
+        if session.resumed_from is not None:
+            log.info("%s: resumed from the checkpoint at step %d", desc, session.resumed_from)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as e:  # a failed run is recorded with its error and the sweep goes on
@@ -217,12 +228,17 @@ def run(cfg: DictConfig) -> dict[str, int]:
     finally:
         progress.close()
     runs, steps, layers = _tables(cfg, net, tspec, members, ids, todo, job, out, error,
-                                  time.perf_counter() - t0)
+                                  time.perf_counter() - t0 + session.elapsed)
+    parts = None
     try:
-        results.write_job(exp_dir, job, runs, steps, layers)
+        if out is not None and session.parts:  # rows streamed out: the rest becomes the last part
+            session.write_rows(out.steps, out.layers)
+            parts = {t: session.part_files(t) for t in ("steps", "layers")}
+        results.write_job(exp_dir, job, runs, steps, layers, parts=parts)
     except OSError as e:  # write_job leaves no partial file and the job uncommitted: a rerun redoes it
         raise ResultsWriteError(e.errno, f"could not write results to {exp_dir}: "
                                 f"{e.strerror or e}") from e
+    session.remove()  # committed (or failed, to be retried from scratch): the checkpoint is spent
     status = runs["status"]
     counts = {"trained": sum(s != "failed" for s in status), "skipped": cfg.ensemble - len(todo),
               "failed": sum(s == "failed" for s in status)}
@@ -273,6 +289,13 @@ def _tables(cfg, net, tspec, members, ids, todo, job, out, error, wall):
         steps.setdefault(k, np.full(len(steps["run_id"]), np.nan))
     layers = {"run_id": rid[out.layers["member"]], **{k: v for k, v in out.layers.items() if k != "member"}}
     return runs, steps, layers
+
+
+def _rows_of(cols: dict, rid: np.ndarray, table: str) -> dict:
+    """Recorder columns (member index) -> table columns (run_id)."""
+    if not cols or not len(cols.get("member", ())):
+        return _empty(table)
+    return {"run_id": rid[cols["member"].astype(np.intp)], **{k: v for k, v in cols.items() if k != "member"}}
 
 
 SMALL_NET = 1000  # final parameters of nets up to this size are kept in runs.params_json (Hinton diagrams)
@@ -398,7 +421,8 @@ def _hydra_main() -> None:
 def _schemas_by_name() -> dict[str, type]:
     from bench import config as c
 
-    return {k.__name__: k for k in (c.Config, c.ModelConfig, c.TrainConfig, c.LogConfig, *c.TASK_SCHEMAS.values())}
+    return {k.__name__: k for k in (c.Config, c.ModelConfig, c.TrainConfig, c.LogConfig, c.CheckpointConfig,
+                                        *c.TASK_SCHEMAS.values())}
 
 
 _SCHEMAS_BY_NAME = _schemas_by_name()
