@@ -94,6 +94,34 @@ class Session:
         self.elapsed = 0.0  # training seconds of earlier sessions of this job
         self.last_save = time.monotonic()
         self.resumed_from: int | None = None
+        self._signal = None  # (handler, signum) of a preemption signal to pass on after the next save
+
+    def arm(self) -> None:
+        """Under submitit, SLURM's warning signal (USR2 in submitit 1.5, USR1 in older ones; sent before
+        a time limit or at preemption) runs submitit's handler, which requeues the job and exits at
+        once, in the middle of a step. Wrap that handler: the signal now asks for a checkpoint at the
+        end of the current step, and submitit's handler runs right after it is saved. Nothing is
+        armed where no handler is installed (any run outside submitit)."""
+        import signal
+
+        self._armed = []
+        for signum in (signal.SIGUSR1, signal.SIGUSR2):
+            handler = signal.getsignal(signum)
+            if not callable(handler):
+                continue
+
+            def later(sig, frame, handler=handler):
+                self._signal = (handler, sig)
+
+            signal.signal(signum, later)
+            self._armed.append((signum, handler))
+
+    def disarm(self) -> None:
+        import signal
+
+        for signum, handler in getattr(self, "_armed", []):
+            signal.signal(signum, handler)
+        self._armed = []
 
     # ---- what train() calls ----------------------------------------------------------------------------
     def resume(self) -> dict | None:
@@ -114,7 +142,7 @@ class Session:
 
     def due(self, step: int) -> bool:
         """Whether to checkpoint once `step` is done (after its update)."""
-        if self.every_steps is not None and step % self.every_steps == 0:
+        if self._signal is not None or (self.every_steps is not None and step % self.every_steps == 0):
             return True
         return self.every_s is not None and time.monotonic() - self.last_save >= self.every_s
 
@@ -157,6 +185,13 @@ class Session:
             tmp.unlink(missing_ok=True)
             raise
         self.last_save = time.monotonic()
+        if self._signal is not None:  # saved: now let submitit requeue the job and exit
+            import signal
+
+            handler, sig = self._signal
+            self._signal = None
+            self.disarm()
+            handler(sig, None)
 
     # ---- what run() calls ------------------------------------------------------------------------------
     def part_files(self, table: str) -> list[Path]:

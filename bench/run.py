@@ -203,6 +203,7 @@ def run(cfg: DictConfig) -> dict[str, int]:
                       running_runs, cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes)
     if cfg.overwrite:
         session.remove()  # retrain from scratch, not from an old checkpoint
+    session.arm()  # under submitit: checkpoint at SLURM's warning signal, then let it requeue
     t0 = time.perf_counter()
     try:
         params = init_params(net, _enum(cfg.model.init), seeds, cfg.model.init_scale, cfg.model.init_bias)
@@ -227,6 +228,7 @@ def run(cfg: DictConfig) -> dict[str, int]:
         log.error("%s failed: %s\n%s", desc, error, traceback.format_exc())
     finally:
         progress.close()
+        session.disarm()
     runs, steps, layers = _tables(cfg, net, tspec, members, ids, todo, job, out, error,
                                   time.perf_counter() - t0 + session.elapsed)
     parts = None
