@@ -28,10 +28,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+# pandas and pyarrow.compute are imported where they are used: `python -m bench.run` imports this
+# module, and a refused config should cost the interpreter's start, not half a second of pandas.
 
 # bump when a column changes meaning or type; readers skip other versions.
 # 2: steps.loss became the whole training set's evaluation-mode loss (the batch's is steps.batch_loss)
@@ -157,6 +158,8 @@ def _to_table(cols: dict, schema: pa.Schema, table: str) -> pa.Table:
         raise ValueError(f"{table}: missing columns {missing}, unexpected columns {extra}")
     arrays = []
     for field in schema:
+        import pandas as pd
+
         values = pd.Series(cols[field.name])  # lists -> Series so 1.5 is not silently cut to int 1
         keep_nan = pa.types.is_floating(field.type) and not field.nullable
         try:
@@ -188,7 +191,7 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
 def sorted_table(table: str, data, job_id: str) -> pa.Table:
     """Columns (dict or DataFrame) -> the table's schema, sorted; job_id (all tables),
     schema_version and created_at (runs; now, UTC) are filled in when absent."""
-    cols = {c: data[c] for c in data.columns} if isinstance(data, pd.DataFrame) else dict(data)
+    cols = {c: data[c] for c in data.columns} if hasattr(data, "columns") else dict(data)  # a DataFrame
     n = len(next(iter(cols.values()))) if cols else 0
     cols.setdefault("job_id", [job_id] * n)
     if table == "runs":
@@ -434,6 +437,8 @@ def load_table(path, table: str, columns: list[str] | None = None) -> pa.Table:
 
 def _newest_runs(runs: pa.Table) -> pa.Table:
     """One row per run_id: the newest by created_at (ties: larger job_id), sorted by run_id."""
+    import pyarrow.compute as pc
+
     order = pc.sort_indices(runs, [("run_id", "ascending"), ("created_at", "descending"),
                                    ("job_id", "descending")])
     runs = runs.take(order).combine_chunks()
@@ -456,6 +461,8 @@ class Results:
 
 
 def _to_pandas(t: pa.Table) -> pd.DataFrame:
+    import pandas as pd
+
     # Nullable int columns (batch_size, diverged_step, solved_step) become pandas Int64 whether or
     # not this load happens to contain a null; required ints stay int64, strings load as str.
     nullable_int = [f.name for f in t.schema if f.nullable and pa.types.is_integer(f.type)]
@@ -544,6 +551,8 @@ def load(path, config_columns: list[str] | bool | None = None, running: bool = F
     ``running=True`` adds the runs of jobs still training (status `running`, see bench.checkpoint)
     with the rows they have streamed out so far, for runs without a finished row of their own.
     """
+    import pandas as pd
+
     config = list(CONFIG_COLUMNS) if config_columns is True else list(config_columns or [])
     if bad := [c for c in config if c not in RUNS_SCHEMA.names or c in ("run_id", "job_id")]:
         raise ValueError(f"config_columns: {bad} are not runs columns; choose in {CONFIG_COLUMNS}")
@@ -644,6 +653,8 @@ def compact(exp_dir, rows_per_file: int = ROWS_PER_FILE) -> dict[str, tuple[int,
             continue
         per_job[p.stem] = per_job.get(p.stem, 0) + n
         total += n
+    import pyarrow.compute as pc
+
     members = {d["values"]: d["counts"] for d in pc.value_counts(runs["job_id"]).to_pylist()}
     jobs = runs["job_id"].to_pylist()
     known = [j in per_job for j in jobs]
