@@ -113,7 +113,10 @@ class Session:
             def later(sig, frame, handler=handler):
                 self._signal = (handler, sig)
 
-            signal.signal(signum, later)
+            try:
+                signal.signal(signum, later)
+            except ValueError:  # not the main thread: signals cannot be handled here
+                continue
             self._armed.append((signum, handler))
 
     def disarm(self) -> None:

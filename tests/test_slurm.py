@@ -46,7 +46,8 @@ def slurm(tmp_path_factory):
 
 def _frames(exp):
     res = results.load(exp)
-    runs = res.runs.drop(columns=["created_at", "wall_time_s", "job_id", "experiment"])
+    # git_commit: the code may be committed between the two launches (it is the version, not a result)
+    runs = res.runs.drop(columns=["created_at", "wall_time_s", "job_id", "experiment", "git_commit"])
     runs["config_json"] = [json.dumps({**json.loads(c), "results_dir": None}) for c in runs["config_json"]]
     return runs, res.steps.drop(columns="job_id"), res.layers.drop(columns="job_id")
 
