@@ -197,3 +197,30 @@ def test_refused_up_front_leaves_nothing(args, needles, tmp_path):
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     assert _tree(tmp_path) == before
+
+
+def test_memory_estimate_is_bounded_by_the_part_size(monkeypatch):
+    """Rows stream out in parts, so the estimate (and the job) does not grow with train.steps; the
+    disk estimate does. A refusal names the limit that was crossed."""
+    from conftest import compose_cfg
+
+    import bench.run as br
+    from bench.config import ConfigError
+
+    seen = {}
+    real = br.estimate_bytes
+
+    def spy(net, tspec, task, members, logged_in_memory=None):
+        seen[tspec.steps] = real(net, tspec, task, members, logged_in_memory)
+        return seen[tspec.steps]
+
+    monkeypatch.setattr(br, "estimate_bytes", spy)
+    disk = {}
+    monkeypatch.setattr(br, "_free_disk", lambda path: disk.setdefault("free", float("inf")))
+    for steps in (20_000, 2_000_000, 10**12):
+        br.preflight(compose_cfg([f"train.steps={steps}", "log.every=1"], results_dir="/tmp"))
+    assert seen[20_000] <= seen[2_000_000] == seen[10**12]  # 20,000 logged steps: under one part
+    disk["free"] = 2**30
+    with pytest.raises(ConfigError, match=r"train.steps=20000000 with log.every=1 x ensemble=1 writes about .* GiB "
+                                          r"of rows, more than the 1.00 GiB free"):
+        br.preflight(compose_cfg(["train.steps=20000000", "log.every=1"], results_dir="/tmp"))
