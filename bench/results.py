@@ -313,8 +313,19 @@ def _mark_done(exp_dir: Path, rid: str, job: str, status: str) -> None:
         raise
 
 
+_INDEX_VERSION = "_schema_version"  # in done/: the schema_version whose tables the index describes
+
+
+def _index_ok(index: Path) -> bool:
+    try:
+        return (index / _INDEX_VERSION).read_text().strip() == str(SCHEMA_VERSION)
+    except OSError:
+        return False
+
+
 def _ensure_index(exp_dir: Path) -> None:
-    """Create done/, first filling it from the runs tables when results predate the index.
+    """Create done/, first filling it from the runs tables when results predate the index (or the
+    index was written for another schema_version: done/_schema_version says which).
 
     The rebuild fills a hidden folder and renames it into place, so a reader never sees a half
     index; if another worker's rename won the race, ours is discarded (both hold the same facts).
@@ -322,19 +333,25 @@ def _ensure_index(exp_dir: Path) -> None:
     import shutil
 
     index = exp_dir / DONE
+    if _index_ok(index):
+        return
     if index.is_dir():
-        return
-    if not (exp_dir / "runs").is_dir() or not any((exp_dir / "runs").glob("*.parquet")):
-        index.mkdir(parents=True, exist_ok=True)
-        return
+        stale = exp_dir / f".{DONE}.stale-{os.getpid()}"  # another version's index: its facts may not hold
+        try:
+            os.rename(index, stale)
+        except OSError:
+            pass  # another worker moved it first
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = exp_dir / f".{DONE}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp.mkdir(parents=True)
     try:
-        runs = _newest_runs(load_table(exp_dir, "runs", ["run_id", "job_id", "status", "created_at"]))
-        for r, j, s in zip(*(runs.column(c).to_pylist() for c in ("run_id", "job_id", "status"))):
-            if s in _COMPLETE:
-                (tmp / r).write_text(f"{j} {s}\n")
+        if (exp_dir / "runs").is_dir() and any((exp_dir / "runs").glob("*.parquet")):
+            runs = _newest_runs(load_table(exp_dir, "runs", ["run_id", "job_id", "status", "created_at"]))
+            for r, j, s in zip(*(runs.column(c).to_pylist() for c in ("run_id", "job_id", "status"))):
+                if s in _COMPLETE:
+                    (tmp / r).write_text(f"{j} {s}\n")
+        (tmp / _INDEX_VERSION).write_text(f"{SCHEMA_VERSION}\n")
         try:
             os.rename(tmp, index)
         except OSError:  # another worker built it first (ENOTEMPTY/EEXIST)
@@ -346,19 +363,22 @@ def _ensure_index(exp_dir: Path) -> None:
 
 def completed(exp_dir, run_ids) -> set[str]:
     """The run ids among ``run_ids`` that need no rerun: one ``stat`` per id in the done index,
-    whatever the size of the experiment (no table is read once the index exists)."""
+    whatever the size of the experiment (no table is read once the index exists). Read-only: where
+    the index is missing or stale (results of older code), the runs tables are read instead, and the
+    next write_job builds the index."""
     exp_dir = Path(exp_dir)
     if not (exp_dir / "runs").is_dir():
         return set()
-    _ensure_index(exp_dir)
     index = exp_dir / DONE
+    if not _index_ok(index):
+        return set(completed_run_ids(exp_dir)) & set(run_ids)
     return {r for r in run_ids if (index / r).is_file()}
 
 
 def count_completed(exp_dir) -> int:
     """How many runs the done index holds (a directory listing, no table read)."""
     index = Path(exp_dir) / DONE
-    return sum(1 for e in os.scandir(index) if not e.name.startswith(".")) if index.is_dir() else 0
+    return sum(1 for e in os.scandir(index) if not e.name.startswith((".", "_"))) if index.is_dir() else 0
 
 
 def other_version_files(exp_dir, job_id: str) -> list[tuple[Path, int]]:

@@ -48,7 +48,9 @@ def test_index_is_rebuilt_for_results_written_before_it(tmp_path):
     R.write_job(exp, jid, *tables)
     shutil.rmtree(exp / R.DONE)  # as an experiment written by the code before the index
     assert R.completed(exp, [*done, *rids]) == {*done, rids[0], rids[1]}  # failed runs are retried
-    assert R.completed(exp, [*done, *rids]) == set(R.completed_run_ids(exp))
+    assert not (exp / R.DONE).exists()  # a lookup writes nothing; the next writer builds the index
+    more = _write(exp, 40)
+    assert R.completed(exp, [*done, *rids, *more]) == set(R.completed_run_ids(exp)) == {*done, *rids[:2], *more}
     assert not [p for p in exp.iterdir() if p.name.startswith(".")]  # the rebuild's temp folder is gone
 
 
@@ -224,3 +226,15 @@ def test_memory_estimate_is_bounded_by_the_part_size(monkeypatch):
     with pytest.raises(ConfigError, match=r"train.steps=20000000 with log.every=1 x ensemble=1 writes about .* GiB "
                                           r"of rows, more than the 1.00 GiB free"):
         br.preflight(compose_cfg(["train.steps=20000000", "log.every=1"], results_dir="/tmp"))
+
+
+def test_index_of_another_schema_version_is_rebuilt(tmp_path, monkeypatch):
+    exp = tmp_path / "e"
+    done = _write(exp, 0)
+    (exp / R.DONE / "_schema_version").write_text("1\n")  # as written by code of another schema
+    (exp / R.DONE / "ffffffffffffffff").write_text("x ok\n")  # a claim the tables do not back
+    assert R.completed(exp, [*done, "ffffffffffffffff"]) == set(done)  # read from the tables
+    more = _write(exp, 40)  # the next writer rebuilds the index
+    assert (exp / R.DONE / "_schema_version").read_text() == f"{R.SCHEMA_VERSION}\n"
+    assert not (exp / R.DONE / "ffffffffffffffff").exists()
+    assert R.completed(exp, [*done, *more, "ffffffffffffffff"]) == {*done, *more}
