@@ -511,10 +511,24 @@ def _keep_and_sort(t: pa.Table, run_rank: dict, job_code: dict, run_job: np.ndar
         names = sorted({v for c in t["param"].chunks for v in c.dictionary.to_pylist()})
         sort_by.append(_codes(t["param"], {n: i for i, n in enumerate(names)}))
         t = t.set_column(t.schema.get_field_index("param"), "param", t["param"].cast(pa.string()))
-    order = np.lexsort(sort_by[::-1])
-    if not np.array_equal(order, np.arange(len(order))):  # write_job writes sorted files
+    if not _is_sorted(sort_by):  # write_job and compact write sorted files: no sort, no copy
+        order = np.lexsort(sort_by[::-1])
         t, rank = t.take(order), rank[order]
     return t.append_column("__rank", pa.array(rank, pa.int32()))
+
+
+def _is_sorted(keys: list[np.ndarray]) -> bool:
+    """Whether rows are in lexicographic order of `keys` (first key first): O(n) comparisons, where
+    a lexsort to check it costs O(n log n) and a sorting pass per key."""
+    if not len(keys) or len(keys[0]) < 2:
+        return True
+    tied = np.ones(len(keys[0]) - 1, bool)  # rows whose earlier keys equal the previous row's
+    for k in keys:
+        a, b = k[:-1], k[1:]
+        if (tied & (b < a)).any():
+            return False
+        tied &= b == a
+    return True
 
 
 def _gather(col: pa.ChunkedArray, rank: pa.Array) -> pa.Array:
@@ -548,11 +562,19 @@ def _rows(path, table: str, runs: pa.Table, keys: list[str], config: list[str]) 
             last_step[k] = int(steps[stop - 1])
     schema, ids = SCHEMAS[table], ("run_id", "job_id")
     empty = pa.schema([f for f in schema if f.name not in ids] + [pa.field("__rank", pa.int32())])
-    body = [parts[i].slice(a, b - a) for _, segs in sorted(segments.items()) for i, a, b in segs]
+    # runs in rank order; back-to-back slices of one file (all of a compacted file) become one slice
+    merged: list[list[int]] = []
+    for _, segs in sorted(segments.items()):
+        for i, a, b in segs:
+            if merged and merged[-1][0] == i and merged[-1][2] == a:
+                merged[-1][2] = b
+            else:
+                merged.append([i, a, b])
+    body = [parts[i].slice(a, b - a) for i, a, b in merged]
     body = pa.concat_tables(body or [empty.empty_table()], promote_options="default")
     body = body.combine_chunks()  # one chunk per column: pandas conversion is fastest then
     rank = body["__rank"].combine_chunks()
-    cols = [_gather(runs[n], rank) if n in ids else body[n].combine_chunks() for n in schema.names]
+    cols = [_gather(runs[n], rank) if n in ids else body.column(n) for n in schema.names]
     cols += [_gather(runs[n], rank) for n in config]
     return pa.Table.from_arrays(cols, schema=pa.schema(
         list(schema) + [runs.schema.field(n) for n in config]))
