@@ -189,8 +189,6 @@ class Session:
             raise
         self.last_save = time.monotonic()
         if self._signal is not None:  # saved: now let submitit requeue the job and exit
-            import signal
-
             handler, sig = self._signal
             self._signal = None
             self.disarm()

@@ -337,7 +337,8 @@ def rows_per_logged_step(net: NetSpec) -> int:
     return 1 + len(net.params())
 
 
-def estimate_bytes(net: NetSpec, train: TrainSpec, task: Task, members: int, logged_in_memory: int | None = None) -> int:
+def estimate_bytes(net: NetSpec, train: TrainSpec, task: Task, members: int,
+                   logged_in_memory: int | None = None) -> int:
     """Rough peak memory of one job: parameters, grads, velocities, cached activations, and the
     logged rows held in memory (all of them, or `logged_in_memory` logged steps where rows stream to
     disk in chunks). Arithmetic only: no loop over members or steps, so any size is estimated at once."""

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +34,8 @@ import pyarrow.parquet as pq
 
 # pandas and pyarrow.compute are imported where they are used: `python -m bench.run` imports this
 # module, and a refused config should cost the interpreter's start, not half a second of pandas.
+if TYPE_CHECKING:
+    import pandas as pd
 
 # bump when a column changes meaning or type; readers skip other versions.
 # 2: steps.loss became the whole training set's evaluation-mode loss (the batch's is steps.batch_loss)

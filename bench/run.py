@@ -30,8 +30,17 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bench import results
 from bench.checkpoint import CHUNK_ROWS, Session
-from bench.config import (ConfigError, NotADirectoryConfigError, _enum, check_name, estimate_bytes, estimate_disk_bytes, logged_steps, register,
-                          rows_per_logged_step, validate)
+from bench.config import (
+    ConfigError,
+    NotADirectoryConfigError,
+    _enum,
+    check_name,
+    estimate_bytes,
+    estimate_disk_bytes,
+    register,
+    rows_per_logged_step,
+    validate,
+)
 from bench.init import init_params
 from bench.train import train
 
@@ -160,7 +169,8 @@ def preflight(cfg: DictConfig):
     need = estimate_bytes(net, tspec, task, E, logged_in_memory=in_memory)
     limit = _memory_limit_bytes(cfg)
     if need > limit:
-        raise ConfigError(f"ensemble={E} x model widths {list(net.widths)} needs about {_size(need)}, over the {_size(limit)} limit "
+        raise ConfigError(f"ensemble={E} x model widths {list(net.widths)} needs about {_size(need)}, "
+                          f"over the {_size(limit)} limit "
                           f"({'max_memory_gb' if cfg.max_memory_gb is not None else '70% of available memory'}): "
                           f"lower ensemble, width or train.batch_size, or raise max_memory_gb")
     disk = estimate_disk_bytes(net, tspec, E)
