@@ -170,6 +170,9 @@ class Session:
             (self.dir / table).mkdir(parents=True, exist_ok=True)
             results.write_part(t, self.dir / table / f"part-{self.parts:05d}.parquet")
         self.parts += 1
+        import pyarrow as pa
+
+        pa.default_memory_pool().release_unused()  # hand the part's buffers back: memory stays flat
 
     def save(self, next_step: int, rec, loop: dict, train_seconds: float) -> None:
         """Flush the rows so far, then write the state atomically: rows and state agree at every kill."""

@@ -255,7 +255,9 @@ def _merge_parts_atomic(parts: list[Path], path: Path, schema: pa.Schema) -> Non
                     w.write_table(schema.empty_table())
                 for rid in sorted(where):
                     for i, g in where[rid]:
-                        w.write_table(pa.Table.from_arrays(files[i].read_row_group(g).columns, schema=schema))
+                        # one thread: the pool's per-thread arenas would each keep a row group's memory
+                        group = files[i].read_row_group(g, use_threads=False)
+                        w.write_table(pa.Table.from_arrays(group.columns, schema=schema))
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
