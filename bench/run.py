@@ -26,16 +26,27 @@ from typing import Any
 
 import numpy as np
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bench import results
-from bench.config import ConfigError, _enum, estimate_bytes, register, validate
+from bench.checkpoint import CHUNK_ROWS, Session
+from bench.config import (
+    ConfigError,
+    NotADirectoryConfigError,
+    _enum,
+    check_name,
+    estimate_bytes,
+    estimate_disk_bytes,
+    register,
+    rows_per_logged_step,
+    validate,
+)
 from bench.init import init_params
 from bench.train import train
 
 log = logging.getLogger("bench")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the repository's conf/ (install with pip -e)
-NON_SEMANTIC = ("report", "max_memory_gb")  # beyond results.SEMANTIC_EXCLUDE: launch-time settings
+NON_SEMANTIC = ("report", "max_memory_gb", "checkpoint")  # beyond results.SEMANTIC_EXCLUDE: launch-time settings
 
 
 @lru_cache(maxsize=1)
@@ -139,27 +150,51 @@ def _describe(cfg: DictConfig, net) -> str:
     return f"{cfg.task.name} {arch} depth {net.depth} {_enum(cfg.backend)} seed {cfg.seed}"
 
 
+def _free_disk(path: Path) -> float:
+    for p in (path, *path.parents):  # the first folder that exists holds the filesystem to ask
+        if p.exists():
+            return shutil.disk_usage(p).free
+    return math.inf
+
+
+def preflight(cfg: DictConfig):
+    """Every check that needs no training and no file: validate, then refuse a job that cannot fit
+    in memory or on disk, with the estimate and the key that fixes it. Arithmetic on the config only
+    (nothing loops over members or steps), so even ensemble=10^8 or 10^12 steps is refused at once.
+    Runs from Hydra's on_run_start, before Hydra makes its log folder, and again in run()."""
+    task, net, tspec = validate(cfg)
+    E = cfg.ensemble
+    # rows stream out in parts of about CHUNK_ROWS (bench.checkpoint): memory holds one part at most
+    in_memory = CHUNK_ROWS // (rows_per_logged_step(net) * E) + 1
+    need = estimate_bytes(net, tspec, task, E, logged_in_memory=in_memory)
+    limit = _memory_limit_bytes(cfg)
+    if need > limit:
+        raise ConfigError(f"ensemble={E} x model widths {list(net.widths)} needs about {_size(need)}, "
+                          f"over the {_size(limit)} limit "
+                          f"({'max_memory_gb' if cfg.max_memory_gb is not None else '70% of available memory'}): "
+                          f"lower ensemble, width or train.batch_size, or raise max_memory_gb")
+    disk = estimate_disk_bytes(net, tspec, E)
+    free = _free_disk(Path(cfg.results_dir))
+    if disk > free:
+        raise ConfigError(f"train.steps={tspec.steps} with log.every={tspec.log_every} x ensemble={E} writes "
+                          f"about {_size(disk)} of rows, more than the {_size(free)} free under {cfg.results_dir}: "
+                          f"raise log.every, lower train.steps or ensemble, or choose another results_dir")
+    return task, net, tspec
+
+
 def run(cfg: DictConfig) -> dict[str, int]:
     """Train the config's ensemble and write its results; returns counts of trained/skipped/failed runs."""
-    task, net, tspec = validate(cfg)
+    task, net, tspec = preflight(cfg)
     semantic = semantic_config(cfg, net, tspec)
     members = [dict(semantic, seed=cfg.seed + k) for k in range(cfg.ensemble)]
     ids = [results.run_id(m) for m in members]
     exp_dir = results.experiment_dir(cfg.results_dir, cfg.name)
-    done = {} if cfg.overwrite else results.completed_run_ids(exp_dir)
+    done = set() if cfg.overwrite else results.completed(exp_dir, ids)
     todo = [k for k in range(cfg.ensemble) if ids[k] not in done]
     desc = _describe(cfg, net)
     if not todo:
         log.info("%s: all %d runs already complete, skipped", desc, cfg.ensemble)
         return {"trained": 0, "skipped": cfg.ensemble, "failed": 0}
-    need = estimate_bytes(net, tspec, task, len(todo))
-    limit = _memory_limit_bytes(cfg)
-    if need > limit:
-        # refused before anything is initialised or written (see estimate_bytes for what is counted)
-        raise ConfigError(f"ensemble={cfg.ensemble} ({len(todo)} to train) x model widths {list(net.widths)} "
-                          f"needs about {_size(need)}, over the {_size(limit)} limit "
-                          f"({'max_memory_gb' if cfg.max_memory_gb is not None else '70% of available memory'}): "
-                          f"lower ensemble, width or train.batch_size, or raise max_memory_gb")
     seeds = [cfg.seed + k for k in todo]
     # the job is what is trained now: the same config with another set of missing members is another job
     job = results.job_id(dict(semantic, ensemble=cfg.ensemble, members=[ids[k] for k in todo]))
@@ -170,6 +205,15 @@ def run(cfg: DictConfig) -> dict[str, int]:
                           f"or choose another name")
     threads = _threads_for_launcher()
     progress = _Progress(_enum(cfg.progress), tspec.steps, desc)
+    rid = np.array([ids[k] for k in todo], dtype=object)
+    running_runs, _, _ = _tables(cfg, net, tspec, members, ids, todo, job, None, None, 0.0)
+    running_runs["status"] = ["running"] * len(todo)
+    session = Session(exp_dir, job, lambda st, la: (results.sorted_table("steps", _rows_of(st, rid, "steps"), job),
+                                                   results.sorted_table("layers", _rows_of(la, rid, "layers"), job)),
+                      running_runs, cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes)
+    if cfg.overwrite:
+        session.remove()  # retrain from scratch, not from an old checkpoint
+    session.arm()  # under submitit: checkpoint at SLURM's warning signal, then let it requeue
     t0 = time.perf_counter()
     try:
         params = init_params(net, _enum(cfg.model.init), seeds, cfg.model.init_scale, cfg.model.init_bias)
@@ -181,10 +225,12 @@ def run(cfg: DictConfig) -> dict[str, int]:
                     import torch
 
                     torch.set_num_threads(threads)
-                out = train(task, net, tspec, params, _enum(cfg.backend), seeds, on_log=progress)
+                out = train(task, net, tspec, params, _enum(cfg.backend), seeds, on_log=progress, session=session)
         else:
-            out = train(task, net, tspec, params, _enum(cfg.backend), seeds, on_log=progress)
+            out = train(task, net, tspec, params, _enum(cfg.backend), seeds, on_log=progress, session=session)
         error = None
+        if session.resumed_from is not None:
+            log.info("%s: resumed from the checkpoint at step %d", desc, session.resumed_from)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as e:  # a failed run is recorded with its error and the sweep goes on
@@ -192,13 +238,19 @@ def run(cfg: DictConfig) -> dict[str, int]:
         log.error("%s failed: %s\n%s", desc, error, traceback.format_exc())
     finally:
         progress.close()
+        session.disarm()
     runs, steps, layers = _tables(cfg, net, tspec, members, ids, todo, job, out, error,
-                                  time.perf_counter() - t0)
+                                  time.perf_counter() - t0 + session.elapsed)
+    parts = None
     try:
-        results.write_job(exp_dir, job, runs, steps, layers)
+        if out is not None and session.parts:  # rows streamed out: the rest becomes the last part
+            session.write_rows(out.steps, out.layers)
+            parts = {t: session.part_files(t) for t in ("steps", "layers")}
+        results.write_job(exp_dir, job, runs, steps, layers, parts=parts)
     except OSError as e:  # write_job leaves no partial file and the job uncommitted: a rerun redoes it
         raise ResultsWriteError(e.errno, f"could not write results to {exp_dir}: "
                                 f"{e.strerror or e}") from e
+    session.remove()  # committed (or failed, to be retried from scratch): the checkpoint is spent
     status = runs["status"]
     counts = {"trained": sum(s != "failed" for s in status), "skipped": cfg.ensemble - len(todo),
               "failed": sum(s == "failed" for s in status)}
@@ -251,6 +303,13 @@ def _tables(cfg, net, tspec, members, ids, todo, job, out, error, wall):
     return runs, steps, layers
 
 
+def _rows_of(cols: dict, rid: np.ndarray, table: str) -> dict:
+    """Recorder columns (member index) -> table columns (run_id)."""
+    if not cols or not len(cols.get("member", ())):
+        return _empty(table)
+    return {"run_id": rid[cols["member"].astype(np.intp)], **{k: v for k, v in cols.items() if k != "member"}}
+
+
 SMALL_NET = 1000  # final parameters of nets up to this size are kept in runs.params_json (Hinton diagrams)
 
 
@@ -273,6 +332,19 @@ class SweepSummary(Callback):
         self.totals = {"trained": 0, "skipped": 0, "failed": 0}
         self.jobs = 0
 
+    # Hydra turns an Exception raised by a callback into a warning and goes on, so a refusal here
+    # prints its line and raises SystemExit, which Hydra lets through.
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # before Hydra makes the run's log folder: a refused config leaves no folder at all
+        task_cfg = config.copy()
+        with open_dict(task_cfg):
+            del task_cfg["hydra"]
+        _refuse_on(preflight, task_cfg)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # the sweep's folder is under results_dir/name: refuse name=../x before it exists
+        _refuse_on(check_name, config.name)
+
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         self.jobs += 1
         ret = getattr(job_return, "_return_value", None)
@@ -286,14 +358,21 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         exp_dir = results.experiment_dir(config.results_dir, config.name)
-        done = results.completed_run_ids(exp_dir)
-        log.info("[sweep] done: %d complete runs in %s", len(done), exp_dir)
+        log.info("[sweep] done: %d complete runs in %s", results.count_completed(exp_dir), exp_dir)
         if config.get("report"):
             _report(exp_dir)
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         if config.get("report"):
             _report(results.experiment_dir(config.results_dir, config.name))
+
+
+def _refuse_on(check, *args) -> None:
+    try:
+        check(*args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1 if isinstance(e, NotADirectoryConfigError) else 2)
 
 
 def _report(exp_dir: Path) -> None:
@@ -338,6 +417,8 @@ def _discard_job_dir(cfg: DictConfig) -> None:
         if p == root:
             break
         try:
+            if [c.name for c in p.iterdir()] == ["multirun.yaml"]:  # a sweep folder of refused jobs only
+                (p / "multirun.yaml").unlink()
             p.rmdir()  # only if empty
         except OSError:
             break
@@ -352,7 +433,8 @@ def _hydra_main() -> None:
 def _schemas_by_name() -> dict[str, type]:
     from bench import config as c
 
-    return {k.__name__: k for k in (c.Config, c.ModelConfig, c.TrainConfig, c.LogConfig, *c.TASK_SCHEMAS.values())}
+    return {k.__name__: k for k in (c.Config, c.ModelConfig, c.TrainConfig, c.LogConfig, c.CheckpointConfig,
+                                        *c.TASK_SCHEMAS.values())}
 
 
 _SCHEMAS_BY_NAME = _schemas_by_name()
@@ -417,10 +499,29 @@ def _multirun_flag_first(argv: list[str]) -> list[str]:
     return argv[:1] + flags + [a for a in argv[1:] if a not in ("-m", "--multirun")] if flags else argv
 
 
+def _check_names(argv: list[str]) -> None:
+    """Refuse `name=../x` (or a sweep over names with one such) before Hydra composes anything: its
+    log folder is results_dir/name/.hydra/..., which Hydra would make outside results_dir first."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = [a for a in argv[1:] if not a.startswith("-") and "=" in a and a.lstrip("+~").startswith("name=")]
+    if not args:
+        return
+    try:
+        overrides = OverridesParser.create().parse_overrides(args)
+    except Exception:  # noqa: BLE001 - a malformed override: Hydra itself reports it in one line later
+        return
+    for o in overrides:
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        for v in values:
+            check_name(v)
+
+
 def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us, to print one line instead of Hydra's block
     sys.argv = _multirun_flag_first(sys.argv)
     try:
+        _check_names(sys.argv)
         _hydra_main()
     except KeyboardInterrupt:
         print("interrupted: finished runs are saved; run the same command again to resume "
