@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis import extensions as X
 from analysis import figures as F
 from analysis import tables as T
 
@@ -244,7 +245,7 @@ def plan(exps: list[Experiment]) -> tuple[list[Figure], list[tuple[str, str]], d
     # depth studies: profiles at init, first/last ratio, training dynamics, trainability
     for exp in exps:
         nets = _nets(exp)
-        if nets.empty or exp.kind == "meanfield" or (nets["init"] == "meanfield").all():
+        if nets.empty or exp.kind == "meanfield" or (nets["init"] == "meanfield").all() or exp.kind in X.KINDS:
             continue
         inputs = _task_inputs(nets["task"].unique())
         is_nielsen = exp.kind == "nielsen_ch5" or (nets["init"] == "nielsen").all()
@@ -322,7 +323,7 @@ def plan(exps: list[Experiment]) -> tuple[list[Figure], list[tuple[str, str]], d
                                    key="training_dynamics" if init in ("he", "torch_default") else None))
 
     # mean field
-    mf = [e for e in exps if (e.runs["init"] == "meanfield").any()]
+    mf = [e for e in exps if (e.runs["init"] == "meanfield").any() and e.kind not in X.KINDS]
     if mf:
         table = pd.concat([T.meanfield_table(e.runs, e.layers) for e in mf], ignore_index=True)
         tables["meanfield"] = (table, T.MEANFIELD_NOTE)
@@ -337,7 +338,8 @@ def plan(exps: list[Experiment]) -> tuple[list[Figure], list[tuple[str, str]], d
         skipped.append(("meanfield-ratios", "no runs with init=meanfield"))
 
     # 1986
-    old = pd.concat([T.rumelhart_runs(e.runs) for e in exps], ignore_index=True)
+    olds = [T.rumelhart_runs(e.runs) for e in exps if e.kind not in X.KINDS]
+    old = pd.concat(olds, ignore_index=True) if olds else exps[0].runs.iloc[:0]
     if len(old):
         table, note = T.rumelhart_table(old)
         tables["rumelhart"] = (table, note)
@@ -391,6 +393,13 @@ def plan(exps: list[Experiment]) -> tuple[list[Figure], list[tuple[str, str]], d
             figs.append(FT.report_figure(ft_runs, Figure))
         except ValueError as e:  # no run with final parameters to draw
             skipped.append(("family_trees-person_weights", str(e)))
+    # ---- issue 12 (analysis.extensions): rumelhart_depth, glorot_bengio, trainability_phase, bn_explosion,
+    # dynamical_isometry; their experiments are left out of the generic blocks above
+    x_figs, x_skipped, x_tables = X.plan_items(exps)
+    figs += [Figure(name, draw, caption, key) for name, draw, caption, key in x_figs]
+    skipped += x_skipped
+    tables.update(x_tables)
+    # ---- end issue 12
     seen, unique = set(), []
     for f in figs:
         if f.name not in seen:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from bench.config import SCHEMAS, ConfigError, unknown_key_message
+from bench.config import SCHEMAS, ConfigError, NotADirectoryConfigError, check_name, unknown_key_message
 
 log = logging.getLogger("bench")
 _SCHEMAS_BY_NAME = {schema.__name__: schema for schema in SCHEMAS}
@@ -102,6 +102,16 @@ def os_error_line(e: OSError) -> str:
     return f"error: could not write{where}: {e.strerror or e}; free space or choose a writable results_dir"
 
 
+def refuse_on(check, *args) -> None:
+    """Run a check; a ConfigError becomes its line and an exit (1 where results_dir is a file, else 2).
+    SystemExit, not an exception: Hydra turns a callback's exception into a warning and goes on."""
+    try:
+        check(*args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1 if isinstance(e, NotADirectoryConfigError) else 2)
+
+
 def job_or_exit(run, cfg: DictConfig):
     """run(cfg) inside a Hydra job; a refused config or a failed write becomes one line and an exit.
     SystemExit passes through Hydra untouched: one line, no "Error executing job" block."""
@@ -133,6 +143,8 @@ def _discard_job_dir(cfg: DictConfig) -> None:
         if p == root:
             break
         try:
+            if [c.name for c in p.iterdir()] == ["multirun.yaml"]:  # a sweep folder of refused jobs only
+                (p / "multirun.yaml").unlink()
             p.rmdir()  # only if empty
         except OSError:
             break
@@ -144,11 +156,30 @@ def _multirun_flag_first(argv: list[str]) -> list[str]:
     return argv[:1] + flags + [a for a in argv[1:] if a not in ("-m", "--multirun")] if flags else argv
 
 
+def _check_names(argv: list[str]) -> None:
+    """Refuse `name=../x` (or a sweep over names with one such) before Hydra composes anything: its
+    log folder is results_dir/name/.hydra/..., which Hydra would make outside results_dir first."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = [a for a in argv[1:] if not a.startswith("-") and "=" in a and a.lstrip("+~").startswith("name=")]
+    if not args:
+        return
+    try:
+        overrides = OverridesParser.create().parse_overrides(args)
+    except Exception:  # noqa: BLE001 - a malformed override: Hydra itself reports it in one line later
+        return
+    for o in overrides:
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        for v in values:
+            check_name(v)
+
+
 def main(hydra_main) -> None:
     """Run `hydra_main()` as the command line: every bad input ends in one line and an exit code."""
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us, to print one line instead of Hydra's block
     sys.argv = _multirun_flag_first(sys.argv)
     try:
+        _check_names(sys.argv)
         hydra_main()
     except KeyboardInterrupt:
         print("interrupted: finished runs are saved; run the same command again to resume "

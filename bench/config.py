@@ -34,6 +34,11 @@ class ConfigError(ValueError):
     """A config that composes but cannot run: the message is the one line a user sees."""
 
 
+class NotADirectoryConfigError(ConfigError):
+    """results_dir (or a folder on the way) is a file: results cannot be written there (exit 1, as
+    for any failing write), as distinct from a bad value (exit 2)."""
+
+
 # Enums, not Literal: Hydra 1.3's OmegaConf checks Enum choices and names them in its error
 Backend = Enum("Backend", {"numpy": "numpy", "torch": "torch"})
 ActivationName = Enum("ActivationName", {a: a for a in ACTIVATIONS})
@@ -97,6 +102,14 @@ class LogConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    # a long run saves its state (and streams its rows out) so that a killed or preempted job resumes
+    # where it was; launch-time settings: they do not change a run's id or its numbers
+    every_steps: int | None = None  # checkpoint after every k-th update; null: by time only
+    every_minutes: float | None = 10.0  # checkpoint when this long has passed since the last; null: never
+
+
+@dataclass
 class Config:
     task: Any = MISSING  # one of TASK_SCHEMAS, chosen by the task group
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -111,9 +124,10 @@ class Config:
     progress: Progress = Progress.auto  # auto: a bar on a terminal, log lines otherwise
     report: bool = False  # write the report (analysis.report) when a sweep ends
     max_memory_gb: float | None = None  # refuse jobs estimated above this; null: 70% of free memory
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
-SCHEMAS = (Config, ModelConfig, TrainConfig, LogConfig, *TASK_SCHEMAS.values())
+SCHEMAS = (Config, ModelConfig, TrainConfig, LogConfig, CheckpointConfig, *TASK_SCHEMAS.values())
 
 
 def register() -> None:
@@ -177,7 +191,8 @@ def _check_keys(cfg: DictConfig) -> None:
     """Keys added with `+key=value` pass Hydra's schema check (it opens the struct for them), but
     the engine would never read them and they would still change the run id: refuse them."""
     nodes = [("", cfg, Config), ("model.", cfg.model, ModelConfig), ("train.", cfg.train, TrainConfig),
-             ("log.", cfg.log, LogConfig), ("task.", cfg.task, TASK_SCHEMAS.get(cfg.task.name))]
+             ("log.", cfg.log, LogConfig), ("task.", cfg.task, TASK_SCHEMAS.get(cfg.task.name)),
+             ("checkpoint.", cfg.checkpoint, CheckpointConfig)]
     for prefix, node, schema in nodes:
         if schema is None:
             continue
@@ -217,9 +232,12 @@ def validate(cfg: DictConfig) -> tuple[Task, NetSpec, TrainSpec]:
     _need(cfg.seed >= 0, f"seed={cfg.seed}: must be >= 0")
     _need(cfg.max_memory_gb is None or _finite_positive(cfg.max_memory_gb),
           f"max_memory_gb={cfg.max_memory_gb}: must be a number > 0, or null for 70% of available memory")
-    _need(bool(cfg.name) and cfg.name not in (".", "..") and "/" not in cfg.name and os.sep not in cfg.name,
-          f"name={cfg.name!r}: must be a plain folder name (no '/', not '.' or '..'); "
-          f"put the parent folder in results_dir")
+    check_name(cfg.name)
+    ck = cfg.checkpoint
+    _need(ck.every_steps is None or ck.every_steps >= 1,
+          f"checkpoint.every_steps={ck.every_steps}: must be >= 1, or null (by time only)")
+    _need(ck.every_minutes is None or _finite_positive(ck.every_minutes),
+          f"checkpoint.every_minutes={ck.every_minutes}: must be a number > 0, or null (never by time)")
     for key in ("init_scale", "init_bias"):
         v = m[key]
         _need(v is None or (math.isfinite(v) and v >= 0), f"model.{key}={v}: must be a finite number >= 0 or null")
@@ -251,14 +269,22 @@ def validate(cfg: DictConfig) -> tuple[Task, NetSpec, TrainSpec]:
     return task, net, train
 
 
+def check_name(name) -> None:
+    """The experiment name is one folder under results_dir: `../x` would write outside it."""
+    name = str(name)
+    _need(bool(name) and name not in (".", "..") and "/" not in name and os.sep not in name,
+          f"name={name!r}: must be a plain folder name (no '/', not '.' or '..'); put the parent folder in results_dir")
+
+
 def _check_results_dir(results_dir: str, name: str) -> None:
     """Before training, not after: the first existing folder on the way must be writable, and the
     experiment's table folders, where they exist, must be folders (a stray file named `runs`)."""
     path = Path(results_dir) / name
     for p in (path, *path.parents):
         if p.exists():
-            _need(p.is_dir(), f"results_dir={results_dir}: {p} is a file, not a directory; "
-                  f"choose another results_dir or name")
+            if not p.is_dir():
+                raise NotADirectoryConfigError(f"could not write results to {path}: {p} is a file, not a "
+                                               f"directory; choose another results_dir or name")
             _need(os.access(p, os.W_OK | os.X_OK), f"results_dir={results_dir}: {p} is not writable; "
                   f"choose a writable results_dir")
             break
@@ -268,13 +294,40 @@ def _check_results_dir(results_dir: str, name: str) -> None:
               f"another name")
 
 
-def estimate_bytes(net: NetSpec, train: TrainSpec, task: Task, members: int) -> int:
-    """Rough peak memory of one job: parameters, grads, velocities, and cached activations."""
+# Bytes a logged row costs at the peak while the tables are built: the recorder's per-step arrays,
+# the columns made from them, the Arrow table and its sorted copy (a layers row is 11 values of 8 B).
+ROW_BYTES_MEMORY = 4 * 88
+# Bytes a row takes on disk: zstd over float64 statistics saves little (bench.perf P6: ~50 B per
+# layers row); rounded up so that a run refused for disk space would really not have fit.
+ROW_BYTES_DISK = 64
+
+
+def logged_steps(train: TrainSpec) -> int:
+    """Logged steps of one run: every log_every-th step from 0, and the last step."""
+    return train.steps // train.log_every + 1 + (train.steps % train.log_every != 0)
+
+
+def rows_per_logged_step(net: NetSpec) -> int:
+    """Rows one member adds per logged step: one steps row and one layers row per parameter."""
+    return 1 + len(net.params())
+
+
+def estimate_bytes(net: NetSpec, train: TrainSpec, task: Task, members: int,
+                   logged_in_memory: int | None = None) -> int:
+    """Rough peak memory of one job: parameters, grads, velocities, cached activations, and the
+    logged rows held in memory (all of them, or `logged_in_memory` logged steps where rows stream to
+    disk in chunks). Arithmetic only: no loop over members or steps, so any size is estimated at once."""
     itemsize = 8 if train.dtype == "float64" else 4
     n_params = sum(math.prod(shape) for *_, shape in net.params())
     batch = train.batch_size or task.n_train
     units = sum(net.widths) + net.n_out
     # per layer the forward caches z, n, h (+ batch-norm xhat) and backward makes delta and temporaries
     activations = 8 * batch * units
-    return members * itemsize * (4 * n_params + activations)
+    logged = logged_steps(train) if logged_in_memory is None else min(logged_in_memory, logged_steps(train))
+    rows = logged * rows_per_logged_step(net) * ROW_BYTES_MEMORY
+    return members * (itemsize * (4 * n_params + activations) + rows)
 
+
+def estimate_disk_bytes(net: NetSpec, train: TrainSpec, members: int) -> int:
+    """Bytes of the steps and layers rows one job writes."""
+    return members * logged_steps(train) * rows_per_logged_step(net) * ROW_BYTES_DISK

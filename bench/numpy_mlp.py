@@ -192,3 +192,25 @@ class NumpyMLP:
             p[k] = 0.0
         for name, b in self.buffers.items():
             b[k] = 1.0 if name.endswith("var") else 0.0
+
+
+def hidden_jacobian(net: NumpyMLP, x: np.ndarray) -> np.ndarray:
+    """J = d a^L / d a^1, the Jacobian of the last hidden layer's output with respect to the first's, for each
+    member and input: (E, B, N, N) with J[e, b, k, j] = d a^L_k / d a^1_j (Pennington et al. 2017's
+    input-output Jacobian of the L - 1 square layers above the first). Evaluation mode; plain or residual
+    equal-width hidden layers (batch norm couples the cases of a batch: not a per-input Jacobian).
+
+    By hand, layer by layer: a^(l+1) = phi(a^l W + b) (+ a^l), so d a^(l+1) / d a^l = diag(phi'(n)) W^T (+ I).
+    """
+    spec = net.spec
+    if spec.norm != "none" or len(set(spec.widths)) != 1:
+        raise ValueError("hidden_jacobian needs equal hidden widths and no batch norm")
+    net.forward(np.asarray(x)[None] if np.ndim(x) == 2 else x, train=False)
+    first = net.layers[0]
+    E, B, N = first.h.shape[0], first.h.shape[1], spec.widths[0]
+    J = np.broadcast_to(np.eye(N, dtype=first.h.dtype), (E, B, N, N)).copy()  # (E, B, N, N): d a^1 / d a^1
+    for layer in net.layers[1:spec.depth]:
+        d = layer.act.dphi(layer.n, layer.h, np)  # (E, B, N) phi'(n) at this layer
+        step = np.einsum("ejk,ebji->ebki", layer.W, J) * d[..., None]  # diag(phi') W^T J
+        J = step + J if layer.residual else step
+    return J

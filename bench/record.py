@@ -131,13 +131,25 @@ class Recorder:
         self.row_param = np.array([kind for _, kind in layout], dtype=object)
         self._steps: list[tuple[int, np.ndarray, dict[str, np.ndarray]]] = []
         self._layers: list[tuple[int, np.ndarray, np.ndarray]] = []
+        self._rows = 0  # rows held, both tables: bench.checkpoint streams them out past a threshold
 
     def log_step(self, step: int, alive: np.ndarray, **metrics: np.ndarray) -> None:
         """metrics: name -> (E,) values (loss, accuracy, test_loss, test_accuracy)."""
         self._steps.append((step, alive.copy(), metrics))
+        self._rows += int(alive.sum())
 
     def log_layers(self, step: int, alive: np.ndarray, stats: np.ndarray) -> None:
         self._layers.append((step, alive.copy(), stats))
+        self._rows += len(self.row_layer) * int(alive.sum())
+
+    def pending_rows(self) -> int:
+        return self._rows
+
+    def drain(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The rows held so far as (steps, layers) columns, and forget them."""
+        out = self.steps_columns(), self.layers_columns()
+        self._steps, self._layers, self._rows = [], [], 0
+        return out
 
     def steps_columns(self) -> dict[str, np.ndarray]:
         cols: dict[str, list] = {"member": [], "step": []}

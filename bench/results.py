@@ -6,6 +6,12 @@ runs file is written last and is the commit marker: a job whose runs file exists
 files start with "." so that ``pd.read_parquet(exp_dir / "layers")`` (pyarrow's dataset discovery
 ignores names starting with "." or "_") never sees a partial file.
 
+``results_dir/<name>/done/<run_id>`` is an index beside the tables: an empty-ish file per complete
+run, written (atomically) after the job's runs file. Deciding whether a run needs training is then
+one ``stat``, the same cost at the first job of a sweep as at the 10,000th, where reading every runs
+file grew with the sweep. The index is derived: delete ``done/`` and the next writer rebuilds it
+from the runs tables. ``compact`` merges many small files into few (see its docstring).
+
 This module knows nothing about training; it only writes and reads the tables.
 """
 
@@ -20,12 +26,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+# pandas and pyarrow.compute are imported where they are used: `python -m bench.run` imports this
+# module, and a refused config should cost the interpreter's start, not half a second of pandas.
+if TYPE_CHECKING:
+    import pandas as pd
 
 # bump when a column changes meaning or type; readers skip other versions.
 # 2: steps.loss became the whole training set's evaluation-mode loss (the batch's is steps.batch_loss)
@@ -82,6 +92,7 @@ LAYERS_SCHEMA = _schema("layers", [
     ("act_mean", _F), ("act_std", _F), ("act_saturation", _F),
 ], nullable=set())
 
+RUNNING = "running"  # experiment subfolder: running jobs' checkpoints and streamed parts (bench.checkpoint)
 SCHEMAS = {"runs": RUNS_SCHEMA, "steps": STEPS_SCHEMA, "layers": LAYERS_SCHEMA}
 # the row order of files and of load(); a file already in order saves load() a reordering copy
 SORT_KEYS = {"runs": ["run_id"], "steps": ["run_id", "step"],
@@ -151,6 +162,8 @@ def _to_table(cols: dict, schema: pa.Schema, table: str) -> pa.Table:
         raise ValueError(f"{table}: missing columns {missing}, unexpected columns {extra}")
     arrays = []
     for field in schema:
+        import pandas as pd
+
         values = pd.Series(cols[field.name])  # lists -> Series so 1.5 is not silently cut to int 1
         keep_nan = pa.types.is_floating(field.type) and not field.nullable
         try:
@@ -179,30 +192,199 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
         raise
 
 
-def write_job(exp_dir, job_id: str, runs, steps, layers) -> None:
-    """Write one job's three tables atomically, runs last (the commit marker).
+def sorted_table(table: str, data, job_id: str) -> pa.Table:
+    """Columns (dict or DataFrame) -> the table's schema, sorted; job_id (all tables),
+    schema_version and created_at (runs; now, UTC) are filled in when absent."""
+    cols = {c: data[c] for c in data.columns} if hasattr(data, "columns") else dict(data)  # a DataFrame
+    n = len(next(iter(cols.values()))) if cols else 0
+    cols.setdefault("job_id", [job_id] * n)
+    if table == "runs":
+        cols.setdefault("schema_version", [SCHEMA_VERSION] * n)
+        cols.setdefault("created_at", [datetime.now(UTC)] * n)
+    t = _to_table(cols, SCHEMAS[table], table).sort_by([(k, "ascending") for k in SORT_KEYS[table]])
+    if set(t.column("job_id").unique().to_pylist()) - {job_id}:
+        raise ValueError(f"{table}.job_id: rows belong to another job than {job_id!r}")
+    return t
+
+
+def _writer_options(schema: pa.Schema) -> dict:
+    # byte-stream-split puts the (alike) exponent bytes of floats together: ~7-15% smaller with zstd
+    return {"compression": "zstd", "use_dictionary": _DICT_COLUMNS,
+            "use_byte_stream_split": [f.name for f in schema if pa.types.is_floating(f.type)]}
+
+
+def write_part(table: pa.Table, path: Path) -> None:
+    """A streamed part of a running job (bench.checkpoint): sorted rows, one row group per run, so
+    that the final merge can copy each run's rows in run order one row group at a time."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    rid = table.column("run_id").to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(np.append(True, rid[1:] != rid[:-1])) if len(rid) else np.zeros(0, int)
+    try:
+        with open(tmp, "wb") as f:
+            with pq.ParquetWriter(f, table.schema, **_writer_options(table.schema)) as w:
+                for a, b in zip(starts, np.append(starts[1:], len(rid))):
+                    w.write_table(table.slice(a, b - a))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_running_runs(path: Path, runs) -> None:
+    """The runs rows (status `running`) of a job still training, beside its streamed parts."""
+    t = sorted_table("runs", runs, runs["job_id"][0] if "job_id" in runs else path.parents[1].name)
+    _write_atomic(t, path)
+
+
+def _merge_parts_atomic(parts: list[Path], path: Path, schema: pa.Schema) -> None:
+    """Write the parts' rows as one file sorted like write_job's: run by run (run_id order), each
+    run's rows part by part (step order). One row group in memory at a time."""
+    files = [pq.ParquetFile(p) for p in parts]
+    where: dict[str, list[tuple[int, int]]] = {}
+    for i, f in enumerate(files):
+        col = f.schema_arrow.get_field_index("run_id")
+        for g in range(f.metadata.num_row_groups):
+            stats = f.metadata.row_group(g).column(col).statistics  # one run per row group: min = the run
+            where.setdefault(stats.min, []).append((i, g))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as out:
+            with pq.ParquetWriter(out, schema, **_writer_options(schema)) as w:
+                if not where:
+                    w.write_table(schema.empty_table())
+                for rid in sorted(where):
+                    for i, g in where[rid]:
+                        # one thread: the pool's per-thread arenas would each keep a row group's memory
+                        group = files[i].read_row_group(g, use_threads=False)
+                        w.write_table(pa.Table.from_arrays(group.columns, schema=schema))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        for f in files:
+            f.close()
+
+
+def write_job(exp_dir, job_id: str, runs, steps, layers, parts: dict[str, list[Path]] | None = None) -> None:
+    """Write one job's three tables atomically, runs last (the commit marker), then its runs' done
+    markers (the index that `completed` reads).
 
     ``job_id`` (all tables), ``schema_version`` and ``created_at`` (runs; now, UTC) are filled in
-    when absent. Rewriting a job first removes its runs file, so a crash midway leaves the job
-    incomplete (it is retried) rather than old runs rows beside new steps.
+    when absent. Rewriting a job first removes its done markers and its runs file, so a crash midway
+    leaves the job incomplete (it is retried) rather than old runs rows beside new steps.
+    ``parts``: {"steps": [...], "layers": [...]} part files a long job streamed out
+    (bench.checkpoint); they are merged into the job's files and ``steps``/``layers`` are ignored.
     """
     exp_dir, tables = Path(exp_dir), {}
     for table, data in (("steps", steps), ("layers", layers), ("runs", runs)):
-        cols = {c: data[c] for c in data.columns} if isinstance(data, pd.DataFrame) else dict(data)
-        n = len(next(iter(cols.values()))) if cols else 0
-        cols.setdefault("job_id", [job_id] * n)
-        if table == "runs":
-            cols.setdefault("schema_version", [SCHEMA_VERSION] * n)
-            cols.setdefault("created_at", [datetime.now(UTC)] * n)
-        tables[table] = _to_table(cols, SCHEMAS[table], table).sort_by(
-            [(k, "ascending") for k in SORT_KEYS[table]])
-        if set(tables[table].column("job_id").unique().to_pylist()) - {job_id}:
-            raise ValueError(f"{table}.job_id: rows belong to another job than {job_id!r}")
+        if parts is None or table == "runs":
+            tables[table] = sorted_table(table, data, job_id)
     for table in SCHEMAS:
         (exp_dir / table).mkdir(parents=True, exist_ok=True)
+    _ensure_index(exp_dir)
+    rids, status = tables["runs"].column("run_id").to_pylist(), tables["runs"].column("status").to_pylist()
+    for r in rids:
+        (exp_dir / DONE / r).unlink(missing_ok=True)
     (exp_dir / "runs" / f"{job_id}.parquet").unlink(missing_ok=True)
     for table in ("steps", "layers", "runs"):
-        _write_atomic(tables[table], exp_dir / table / f"{job_id}.parquet")
+        path = exp_dir / table / f"{job_id}.parquet"
+        if parts is not None and table != "runs":
+            _merge_parts_atomic(parts[table], path, SCHEMAS[table])
+        else:
+            _write_atomic(tables[table], path)
+    for r, s in zip(rids, status):
+        if s in _COMPLETE:
+            _mark_done(exp_dir, r, job_id, s)
+
+
+# ---- the done index: one file per complete run -------------------------------------------------
+DONE = "done"  # beside the table folders, never inside one: pyarrow's discovery of a table is unaffected
+
+
+def _mark_done(exp_dir: Path, rid: str, job: str, status: str) -> None:
+    """done/<run_id> holds "<job_id> <status>"; written to a hidden temp name, then renamed, so two
+    workers marking at once each leave a whole file (the last rename wins)."""
+    path = exp_dir / DONE / rid
+    tmp = path.with_name(f".{rid}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(f"{job} {status}\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+_INDEX_VERSION = "_schema_version"  # in done/: the schema_version whose tables the index describes
+
+
+def _index_ok(index: Path) -> bool:
+    try:
+        return (index / _INDEX_VERSION).read_text().strip() == str(SCHEMA_VERSION)
+    except OSError:
+        return False
+
+
+def _ensure_index(exp_dir: Path) -> None:
+    """Create done/, first filling it from the runs tables when results predate the index (or the
+    index was written for another schema_version: done/_schema_version says which).
+
+    The rebuild fills a hidden folder and renames it into place, so a reader never sees a half
+    index; if another worker's rename won the race, ours is discarded (both hold the same facts).
+    """
+    import shutil
+
+    index = exp_dir / DONE
+    if _index_ok(index):
+        return
+    if index.is_dir():
+        stale = exp_dir / f".{DONE}.stale-{os.getpid()}"  # another version's index: its facts may not hold
+        try:
+            os.rename(index, stale)
+        except OSError:
+            pass  # another worker moved it first
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = exp_dir / f".{DONE}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        if (exp_dir / "runs").is_dir() and any((exp_dir / "runs").glob("*.parquet")):
+            runs = _newest_runs(load_table(exp_dir, "runs", ["run_id", "job_id", "status", "created_at"]))
+            for r, j, s in zip(*(runs.column(c).to_pylist() for c in ("run_id", "job_id", "status"))):
+                if s in _COMPLETE:
+                    (tmp / r).write_text(f"{j} {s}\n")
+        (tmp / _INDEX_VERSION).write_text(f"{SCHEMA_VERSION}\n")
+        try:
+            os.rename(tmp, index)
+        except OSError:  # another worker built it first (ENOTEMPTY/EEXIST)
+            if not index.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def completed(exp_dir, run_ids) -> set[str]:
+    """The run ids among ``run_ids`` that need no rerun: one ``stat`` per id in the done index,
+    whatever the size of the experiment (no table is read once the index exists). Read-only: where
+    the index is missing or stale (results of older code), the runs tables are read instead, and the
+    next write_job builds the index."""
+    exp_dir = Path(exp_dir)
+    if not (exp_dir / "runs").is_dir():
+        return set()
+    index = exp_dir / DONE
+    if not _index_ok(index):
+        return set(completed_run_ids(exp_dir)) & set(run_ids)
+    return {r for r in run_ids if (index / r).is_file()}
+
+
+def count_completed(exp_dir) -> int:
+    """How many runs the done index holds (a directory listing, no table read)."""
+    index = Path(exp_dir) / DONE
+    return sum(1 for e in os.scandir(index) if not e.name.startswith((".", "_"))) if index.is_dir() else 0
 
 
 def other_version_files(exp_dir, job_id: str) -> list[tuple[Path, int]]:
@@ -281,6 +463,8 @@ def load_table(path, table: str, columns: list[str] | None = None) -> pa.Table:
 
 def _newest_runs(runs: pa.Table) -> pa.Table:
     """One row per run_id: the newest by created_at (ties: larger job_id), sorted by run_id."""
+    import pyarrow.compute as pc
+
     order = pc.sort_indices(runs, [("run_id", "ascending"), ("created_at", "descending"),
                                    ("job_id", "descending")])
     runs = runs.take(order).combine_chunks()
@@ -303,6 +487,8 @@ class Results:
 
 
 def _to_pandas(t: pa.Table) -> pd.DataFrame:
+    import pandas as pd
+
     # Nullable int columns (batch_size, diverged_step, solved_step) become pandas Int64 whether or
     # not this load happens to contain a null; required ints stay int64, strings load as str.
     nullable_int = [f.name for f in t.schema if f.nullable and pa.types.is_integer(f.type)]
@@ -331,10 +517,24 @@ def _keep_and_sort(t: pa.Table, run_rank: dict, job_code: dict, run_job: np.ndar
         names = sorted({v for c in t["param"].chunks for v in c.dictionary.to_pylist()})
         sort_by.append(_codes(t["param"], {n: i for i, n in enumerate(names)}))
         t = t.set_column(t.schema.get_field_index("param"), "param", t["param"].cast(pa.string()))
-    order = np.lexsort(sort_by[::-1])
-    if not np.array_equal(order, np.arange(len(order))):  # write_job writes sorted files
+    if not _is_sorted(sort_by):  # write_job and compact write sorted files: no sort, no copy
+        order = np.lexsort(sort_by[::-1])
         t, rank = t.take(order), rank[order]
     return t.append_column("__rank", pa.array(rank, pa.int32()))
+
+
+def _is_sorted(keys: list[np.ndarray]) -> bool:
+    """Whether rows are in lexicographic order of `keys` (first key first): O(n) comparisons, where
+    a lexsort to check it costs O(n log n) and a sorting pass per key."""
+    if not len(keys) or len(keys[0]) < 2:
+        return True
+    tied = np.ones(len(keys[0]) - 1, bool)  # rows whose earlier keys equal the previous row's
+    for k in keys:
+        a, b = k[:-1], k[1:]
+        if (tied & (b < a)).any():
+            return False
+        tied &= b == a
+    return True
 
 
 def _gather(col: pa.ChunkedArray, rank: pa.Array) -> pa.Array:
@@ -353,25 +553,40 @@ def _rows(path, table: str, runs: pa.Table, keys: list[str], config: list[str]) 
                          prepare=lambda t: _keep_and_sort(t, run_rank, job_code, run_job, keys))
     # A run's rows come from one job, i.e. one file (a copied file repeats them: first one wins),
     # so the sorted result is the files' per-run slices put in run order: no global sort.
-    segments = {}
+    # A running job's rows are in several part files, in step order: a run's later segments are
+    # kept when they go on where the last one stopped (a copy of the same rows starts no later).
+    segments: dict[int, list[tuple[int, int, int]]] = {}
+    last_step: dict[int, int] = {}
     for i, t in enumerate(parts):
-        r = t["__rank"].to_numpy()
+        r, steps = t["__rank"].to_numpy(), t["step"].to_numpy()
         starts = np.flatnonzero(np.diff(r, prepend=-1))
         for start, stop in zip(starts, np.append(starts[1:], len(r))):
-            segments.setdefault(int(r[start]), (i, int(start), int(stop)))
+            k = int(r[start])
+            if k in segments and steps[start] <= last_step[k]:
+                continue
+            segments.setdefault(k, []).append((i, int(start), int(stop)))
+            last_step[k] = int(steps[stop - 1])
     schema, ids = SCHEMAS[table], ("run_id", "job_id")
     empty = pa.schema([f for f in schema if f.name not in ids] + [pa.field("__rank", pa.int32())])
-    body = [parts[i].slice(a, b - a) for _, (i, a, b) in sorted(segments.items())]
+    # runs in rank order; back-to-back slices of one file (all of a compacted file) become one slice
+    merged: list[list[int]] = []
+    for _, segs in sorted(segments.items()):
+        for i, a, b in segs:
+            if merged and merged[-1][0] == i and merged[-1][2] == a:
+                merged[-1][2] = b
+            else:
+                merged.append([i, a, b])
+    body = [parts[i].slice(a, b - a) for i, a, b in merged]
     body = pa.concat_tables(body or [empty.empty_table()], promote_options="default")
     body = body.combine_chunks()  # one chunk per column: pandas conversion is fastest then
     rank = body["__rank"].combine_chunks()
-    cols = [_gather(runs[n], rank) if n in ids else body[n].combine_chunks() for n in schema.names]
+    cols = [_gather(runs[n], rank) if n in ids else body.column(n) for n in schema.names]
     cols += [_gather(runs[n], rank) for n in config]
     return pa.Table.from_arrays(cols, schema=pa.schema(
         list(schema) + [runs.schema.field(n) for n in config]))
 
 
-def load(path, config_columns: list[str] | bool | None = None) -> Results:
+def load(path, config_columns: list[str] | bool | None = None, running: bool = False) -> Results:
     """Load an experiment dir into ``Results(runs, steps, layers)`` DataFrames.
 
     A run trained by several jobs keeps its newest runs row (by created_at) and only that job's
@@ -380,11 +595,149 @@ def load(path, config_columns: list[str] | bool | None = None) -> Results:
     runs columns to join onto steps and layers by run_id, or True for CONFIG_COLUMNS. Dtypes: str
     for strings, int64 for required ints, Int64 for nullable ints, float64 (NaN for null), bool,
     datetime64[us, UTC]. Sorted by run_id (then step, layer, param).
+
+    ``running=True`` adds the runs of jobs still training (status `running`, see bench.checkpoint)
+    with the rows they have streamed out so far, for runs without a finished row of their own.
     """
+    import pandas as pd
+
     config = list(CONFIG_COLUMNS) if config_columns is True else list(config_columns or [])
     if bad := [c for c in config if c not in RUNS_SCHEMA.names or c in ("run_id", "job_id")]:
         raise ValueError(f"config_columns: {bad} are not runs columns; choose in {CONFIG_COLUMNS}")
     runs = _newest_runs(load_table(path, "runs"))
     steps = _rows(path, "steps", runs, SORT_KEYS["steps"][1:], config)
     layers = _rows(path, "layers", runs, SORT_KEYS["layers"][1:], config)
-    return Results(_to_pandas(runs), _to_pandas(steps), _to_pandas(layers))
+    out = [_to_pandas(runs), _to_pandas(steps), _to_pandas(layers)]
+    if running:
+        finished = set(runs.column("run_id").to_pylist())
+        for job_dir in sorted(Path(path, RUNNING).glob("*/")):
+            live = _newest_runs(load_table(job_dir, "runs"))
+            live = live.filter(pa.array([r not in finished for r in live.column("run_id").to_pylist()], pa.bool_()))
+            if not len(live):
+                continue
+            more = [_to_pandas(live), _to_pandas(_rows(job_dir, "steps", live, SORT_KEYS["steps"][1:], config)),
+                    _to_pandas(_rows(job_dir, "layers", live, SORT_KEYS["layers"][1:], config))]
+            out = [pd.concat([a, b], ignore_index=True) for a, b in zip(out, more)]
+        keys = [SORT_KEYS["runs"], SORT_KEYS["steps"], SORT_KEYS["layers"]]
+        out = [df.sort_values(k, ignore_index=True, kind="stable") for df, k in zip(out, keys)]
+    return Results(*out)
+
+
+# ---- compaction: many small files -> few large ones ----------------------------------------------
+ROWS_PER_FILE = 4_000_000  # per compacted steps/layers file; a run never straddles two files
+
+
+def _manifests(exp_dir: Path) -> list[Path]:
+    return sorted(exp_dir.glob(".compact-*.json"))
+
+
+def _finish(exp_dir: Path, manifest: Path) -> None:
+    """Complete a committed compaction: move its new files into place, then delete the old ones.
+    Idempotent, so an interrupted compaction is finished by the next `compact`."""
+    plan = json.loads(manifest.read_text())
+    for tmp, final in plan["new"]:
+        if (exp_dir / tmp).exists():
+            os.replace(exp_dir / tmp, exp_dir / final)
+    for old in plan["old"]:
+        (exp_dir / old).unlink(missing_ok=True)
+    manifest.unlink(missing_ok=True)
+
+
+def compact(exp_dir, rows_per_file: int = ROWS_PER_FILE) -> dict[str, tuple[int, int]]:
+    """Merge an experiment's per-job files into a few sorted files per table; returns
+    {table: (files before, files after)}.
+
+    What load() would return is unchanged: only the runs rows load() keeps (newest per run_id) and
+    those runs' steps/layers rows are written, sorted as load() returns them, each run's rows in one
+    file. Rows without a runs row (a killed or a still-running job) are dropped, so run it while
+    nothing else writes to the experiment. Memory is bounded by about one output file: runs are cut
+    into groups of about `rows_per_file` rows (by run_id order, using the row counts in the files'
+    footers) and each group is one pass over the input files.
+
+    Safe to interrupt: new files are written under hidden names, then a manifest naming old and new
+    files is renamed into place (the commit); only after that are new files made visible and old
+    ones deleted. Killed before the commit: the old files are untouched and hidden litter is all
+    that is left (removed by the next compact). Killed after: the next compact finishes the job;
+    until then old and new files hold the same rows, and load() keeps each once (a raw
+    pd.read_parquet would see them twice).
+    """
+    import secrets
+
+    exp_dir = Path(exp_dir)
+    for m in _manifests(exp_dir):
+        _finish(exp_dir, m)
+    for table in SCHEMAS:  # litter of a compaction killed before its commit
+        for p in (exp_dir / table).glob(".compact-*"):
+            p.unlink(missing_ok=True)
+    old = {t: sorted(p for p in (exp_dir / t).glob("*.parquet") if not p.name.startswith((".", "_")))
+           for t in SCHEMAS}
+    if not old["runs"]:
+        return {t: (len(v), len(v)) for t, v in old.items()}
+    runs = _newest_runs(load_table(exp_dir, "runs"))
+    token = secrets.token_hex(4)
+    new: list[tuple[str, str]] = []
+
+    def put(table: str, t: pa.Table, i: int) -> None:
+        name = f"compact-{token}-{i:05d}.parquet"
+        tmp = exp_dir / table / f".{name}"
+        t = pa.Table.from_arrays(t.columns, schema=SCHEMAS[table])  # with the schema's version metadata
+        floats = [f.name for f in t.schema if pa.types.is_floating(f.type)]
+        with open(tmp, "wb") as f:
+            pq.write_table(t, f, compression="zstd", use_dictionary=_DICT_COLUMNS, use_byte_stream_split=floats,
+                           row_group_size=1 << 20)
+            f.flush()
+            os.fsync(f.fileno())
+        new.append((f"{table}/.{name}", f"{table}/{name}"))
+
+    put("runs", runs, 0)
+    # rows per run, from the footers (no data read): a job's rows divide evenly among its members
+    per_job, total = {}, 0
+    for p in old["layers"] + old["steps"]:
+        try:
+            n = pq.ParquetFile(p).metadata.num_rows
+        except (OSError, pa.ArrowException):
+            continue
+        per_job[p.stem] = per_job.get(p.stem, 0) + n
+        total += n
+    import pyarrow.compute as pc
+
+    members = {d["values"]: d["counts"] for d in pc.value_counts(runs["job_id"]).to_pylist()}
+    jobs = runs["job_id"].to_pylist()
+    known = [j in per_job for j in jobs]
+    # runs of earlier compacted files (not named by job): share what the named files do not hold
+    rest = max(0, total - sum(per_job.get(j, 0) for j in members)) / max(1, known.count(False))
+    cost = np.array([per_job[j] / members[j] if k else rest for j, k in zip(jobs, known)])
+    group = (np.cumsum(cost) // max(1, rows_per_file)).astype(np.int64)
+    for i, g in enumerate(np.unique(group)):
+        part = runs.filter(pa.array(group == g))
+        for table in ("steps", "layers"):
+            put(table, _rows(exp_dir, table, part, SORT_KEYS[table][1:], []), i)
+    manifest = exp_dir / f".compact-{token}.json"
+    tmp = exp_dir / f".compact-{token}.json.tmp"
+    plan = {"old": [str(p.relative_to(exp_dir)) for v in old.values() for p in v], "new": new}
+    tmp.write_text(json.dumps(plan))
+    os.replace(tmp, manifest)  # the commit
+    _finish(exp_dir, manifest)
+    return {t: (len(old[t]), sum(1 for _, f in new if f.startswith(t + "/"))) for t in SCHEMAS}
+
+
+def _main(argv=None) -> None:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m bench.results", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("compact", help="merge an experiment's many small files into few (atomic, resumable)")
+    c.add_argument("exp_dir", help="results_dir/name")
+    c.add_argument("--rows-per-file", type=int, default=ROWS_PER_FILE)
+    args = parser.parse_args(argv)
+    exp_dir = Path(args.exp_dir)
+    if not (exp_dir / "runs").is_dir():
+        print(f"error: {exp_dir} has no runs/ folder: give results_dir/name of an experiment", file=sys.stderr)
+        sys.exit(2)
+    counts = compact(exp_dir, args.rows_per_file)
+    print(", ".join(f"{t}: {a} -> {b} files" for t, (a, b) in counts.items()))
+
+
+if __name__ == "__main__":
+    _main()

@@ -24,13 +24,14 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from bench import cli, results
+from bench.checkpoint import Session
 from bench.config import CONF_DIR, ConfigError, _enum, register
 from bench.guard import preflight
 from bench.init import init_params
 from bench.train import train
 
 log = logging.getLogger("bench")
-NON_SEMANTIC = ("report", "max_memory_gb")  # beyond results.SEMANTIC_EXCLUDE: launch-time settings
+NON_SEMANTIC = ("report", "max_memory_gb", "checkpoint")  # beyond results.SEMANTIC_EXCLUDE: launch-time settings
 FILLED_ON_WRITE = ("job_id", "schema_version", "created_at")  # runs columns bench.results fills in
 SMALL_NET = 1000  # final parameters of nets up to this size are kept in runs.params_json (Hinton diagrams)
 
@@ -93,7 +94,7 @@ def run(cfg: DictConfig) -> dict[str, int]:
     members = [dict(semantic, seed=cfg.seed + k) for k in range(cfg.ensemble)]
     ids = [results.run_id(m) for m in members]
     exp_dir = results.experiment_dir(cfg.results_dir, cfg.name)
-    done = {} if cfg.overwrite else results.completed_run_ids(exp_dir)
+    done = set() if cfg.overwrite else results.completed(exp_dir, ids)
     todo = [k for k in range(cfg.ensemble) if ids[k] not in done]
     desc = _describe(cfg, net)
     if not todo:
@@ -109,6 +110,15 @@ def run(cfg: DictConfig) -> dict[str, int]:
                           f"or choose another name")
     threads = _threads_for_launcher()
     progress = cli.Progress(_enum(cfg.progress), tspec.steps, desc)
+    rid = np.array([ids[k] for k in todo], dtype=object)
+    running_runs, _, _ = _tables(cfg, net, tspec, members, ids, todo, None, None, 0.0)
+    running_runs["status"] = ["running"] * len(todo)
+    session = Session(exp_dir, job, lambda st, la: (results.sorted_table("steps", _rows_of(st, rid, "steps"), job),
+                                                   results.sorted_table("layers", _rows_of(la, rid, "layers"), job)),
+                      running_runs, cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes)
+    if cfg.overwrite:
+        session.remove()  # retrain from scratch, not from an old checkpoint
+    session.arm()  # under submitit: checkpoint at SLURM's warning signal, then let it requeue
     t0 = time.perf_counter()
     try:
         params = init_params(net, _enum(cfg.model.init), seeds, cfg.model.init_scale, cfg.model.init_bias)
@@ -120,10 +130,12 @@ def run(cfg: DictConfig) -> dict[str, int]:
                     import torch
 
                     torch.set_num_threads(threads)
-                out = train(task, net, tspec, params, _enum(cfg.backend), seeds, on_log=progress)
+                out = train(task, net, tspec, params, _enum(cfg.backend), seeds, on_log=progress, session=session)
         else:
-            out = train(task, net, tspec, params, _enum(cfg.backend), seeds, on_log=progress)
+            out = train(task, net, tspec, params, _enum(cfg.backend), seeds, on_log=progress, session=session)
         error = None
+        if session.resumed_from is not None:
+            log.info("%s: resumed from the checkpoint at step %d", desc, session.resumed_from)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as e:  # a failed run is recorded with its error and the sweep goes on
@@ -131,13 +143,19 @@ def run(cfg: DictConfig) -> dict[str, int]:
         log.error("%s failed: %s\n%s", desc, error, traceback.format_exc())
     finally:
         progress.close()
+        session.disarm()
     runs, steps, layers = _tables(cfg, net, tspec, members, ids, todo, out, error,
-                                  time.perf_counter() - t0)
+                                  time.perf_counter() - t0 + session.elapsed)
+    parts = None
     try:
-        results.write_job(exp_dir, job, runs, steps, layers)
+        if out is not None and session.parts:  # rows streamed out: the rest becomes the last part
+            session.write_rows(out.steps, out.layers)
+            parts = {t: session.part_files(t) for t in ("steps", "layers")}
+        results.write_job(exp_dir, job, runs, steps, layers, parts=parts)
     except OSError as e:  # write_job leaves no partial file and the job uncommitted: a rerun redoes it
         raise cli.ResultsWriteError(e.errno, f"could not write results to {exp_dir}: "
                                     f"{e.strerror or e}") from e
+    session.remove()  # committed (or failed, to be retried from scratch): the checkpoint is spent
     status = runs["status"]
     counts = {"trained": sum(s != "failed" for s in status), "skipped": cfg.ensemble - len(todo),
               "failed": sum(s == "failed" for s in status)}

@@ -1,5 +1,5 @@
-"""The Hydra callback (conf/config.yaml, hydra.callbacks): a summary line after each job and at the
-end of a sweep, and the report when `report=true`."""
+"""The Hydra callback (conf/config.yaml, hydra.callbacks): refusals before a job starts, a summary
+line after each job and at the end of a sweep, and the report when `report=true`."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from bench import results
+from bench.cli import refuse_on
+from bench.config import check_name
+from bench.guard import preflight
 
 log = logging.getLogger("bench")
 
@@ -21,6 +24,17 @@ class SweepSummary(Callback):
     def __init__(self) -> None:
         self.totals = {"trained": 0, "skipped": 0, "failed": 0}
         self.jobs = 0
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # before Hydra makes the run's log folder: a refused config leaves no folder at all
+        task_cfg = config.copy()
+        with open_dict(task_cfg):
+            del task_cfg["hydra"]
+        refuse_on(preflight, task_cfg)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # the sweep's folder is under results_dir/name: refuse name=../x before it exists
+        refuse_on(check_name, config.name)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         self.jobs += 1
@@ -35,7 +49,7 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         exp_dir = results.experiment_dir(config.results_dir, config.name)
-        log.info("[sweep] done: %d complete runs in %s", len(results.completed_run_ids(exp_dir)), exp_dir)
+        log.info("[sweep] done: %d complete runs in %s", results.count_completed(exp_dir), exp_dir)
         if config.get("report"):
             _report(exp_dir)
 

@@ -231,3 +231,133 @@ def critical_sw2(activation, sb2: float, sw2_max: float = 1e4) -> float:
         if hi > sw2_max:
             raise RuntimeError(f"no sw2 <= {sw2_max} gives chi1(q*) = 1 for {act.name} at sb2={sb2}")
     return brentq(excess, lo, hi, xtol=1e-10)
+
+
+# ---- correlations between two inputs: the trainability depth scale of Schoenholz et al. 2017 --------
+def _gauss_expect2(f: Callable[[np.ndarray, np.ndarray], np.ndarray], q: float, c: float,
+                   n: int = 16) -> float:
+    """E[f(u1, u2)] with u1 = sqrt(q) z1, u2 = sqrt(q) (c z1 + sqrt(1 - c^2) z2), z1, z2 ~ N(0, 1) iid.
+
+    A tensor product of gauss_expect's composite rule (n nodes per panel): ~1e-10 relative for the
+    bounded activations at the q and c the trainability grid needs (checked against n = 32 in tests).
+    """
+    z, w = _gauss_rule(float(q), n)
+    z1, z2 = z[:, None], z[None, :]
+    s = math.sqrt(q)
+    u1, u2 = s * z1, s * (c * z1 + math.sqrt(max(0.0, 1.0 - c * c)) * z2)
+    return float(np.einsum("i,j,ij->", w, w, f(u1, u2)))
+
+
+def correlation_map(c: float, activation, sw2: float, sb2: float, q: float | None = None) -> float:
+    """c^l from c^(l-1) for two inputs both at length q (default q*): (sw2 E[phi(u1) phi(u2)] + sb2) / q."""
+    act = get_activation(activation)
+    if q is None:
+        q = fixed_point_q(act, sw2, sb2)
+    return (sw2 * _gauss_expect2(lambda a, b: _phi(act, a) * _phi(act, b), q, c) + sb2) / q
+
+
+def fixed_point_c(activation, sw2: float, sb2: float) -> float:
+    """c*, the stable fixed point of the correlation map at q*.
+
+    Ordered phase (chi1 <= 1): c* = 1, every pair of inputs ends up at the same point. Chaotic phase
+    (chi1 > 1): c = 1 is unstable and c* < 1 is the root of map(c) - c on [0, 1): positive at 0 (map(0) >=
+    sb2 / q* >= 0) and negative just below 1 (slope chi1 > 1 there). Found by brentq, not by iterating the
+    map, which needs ~1 / (chi1 - 1) steps near the critical line. Returns 1.0 when chi1 is so close to 1
+    that no bracket down to 1 - 1e-9 is found (the two fixed points have merged to within that).
+    """
+    act = get_activation(activation)
+    q = fixed_point_q(act, sw2, sb2)
+    if q == 0.0 or chi1(act, sw2, sb2, q) <= 1.0:
+        return 1.0
+
+    def excess(c: float) -> float:
+        return correlation_map(c, act, sw2, sb2, q) - c
+
+    lo = 0.0
+    if excess(lo) <= 0.0:  # map(0) = 0 (sb2 = 0, odd phi): 0 is a fixed point; search above it
+        lo = 1e-6
+    for eps in 10.0 ** -np.arange(1, 10):
+        if excess(1.0 - eps) < 0.0:
+            return brentq(excess, lo, 1.0 - eps, xtol=1e-13)
+    return 1.0
+
+
+def chi_c(activation, sw2: float, sb2: float) -> float:
+    """Slope of the correlation map at c*: sw2 E[phi'(u1) phi'(u2)] at (q*, c*). Equals chi1 where c* = 1."""
+    act = get_activation(activation)
+    q = fixed_point_q(act, sw2, sb2)
+    c = fixed_point_c(act, sw2, sb2)
+    if c == 1.0:
+        return chi1(act, sw2, sb2, q)
+    return sw2 * _gauss_expect2(lambda a, b: _dphi(act, a) * _dphi(act, b), q, c)
+
+
+def correlation_depth_scale(activation, sw2: float, sb2: float) -> float:
+    """xi_c = -1 / ln chi_c: the layers over which two inputs' correlation forgets its start.
+
+    Schoenholz et al. 2017 (eq. 9, fig. 5-6): random nets train only to depths of about 6 xi_c; xi_c
+    diverges at the critical line (tanh, sb2 = 0.05: sw2 ~ 1.76) and is finite on both sides of it.
+    In the ordered phase xi_c equals the gradient depth scale -1/ln chi1.
+    """
+    return float(depth_scale(chi_c(activation, sw2, sb2)))
+
+
+# ---- batch norm: gradient explosion at initialisation (Yang et al. 2019) --------------------------
+def bn_delta_ratio(activation) -> float:
+    """Large-batch, large-width ||delta^l|| / ||delta^(l+1)|| in a plain Linear-BN-phi net (gamma = 1, beta = 0).
+
+    Derivation (gradient independence, batch B -> inf, width -> inf): batch norm makes every unit's
+    pre-activation x_hat ~ N(0, 1) over the batch whatever the weights. Backward through layer l+1's weights
+    multiplies E||.||^2 by sw2 E[phi'(x_hat)^2]; through layer l's batch norm by 1 / Var_batch(z^l), and
+    Var_batch(z^l) = sw2 Var(phi(x_hat)) (its projection of the batch mean and of x_hat costs O(1/B)). So
+
+        ratio^2 = E[phi'(x)^2] / Var(phi(x)),  x ~ N(0, 1):  sw2 cancels, no init removes it.
+
+    ReLU: (1/2) / (1/2 - 1/(2 pi)) = pi / (pi - 1) ~ 1.467, ratio ~ 1.2113 (Yang et al.'s large-batch rate).
+    tanh ~ 1.085; sigmoid ~ 1.02. Finite batches: `bn_delta_ratio_mc`.
+    """
+    act = get_activation(activation)
+    mean = gauss_expect(lambda x: _phi(act, x), 1.0)
+    var = gauss_expect(lambda x: _phi(act, x) ** 2, 1.0) - mean * mean
+    return math.sqrt(gauss_expect(lambda x: _dphi(act, x) ** 2, 1.0) / var)
+
+
+def bn_delta_ratio_mc(activation, batch_size: int, width: int = 256, depth: int = 24, nets: int = 4,
+                      seed: int = 0, skip: int = 6) -> tuple[float, float]:
+    """Monte-Carlo of the finite-batch rate: (geometric-mean ratio, its standard error over nets).
+
+    `nets` random Linear-BN-phi nets (W ~ N(0, 1/width), gamma = 1, beta = 0, batch statistics, eps = 0)
+    fed a batch of N(0, 1) inputs; a N(0, 1) gradient enters at the top and is carried down by the exact
+    batch-norm backward. The ratio is exp(mean log(||delta^l|| / ||delta^(l+1)||)) over the layers at
+    least `skip` away from both ends (the top ones still carry the random start, the bottom ones
+    the input's own statistics). This is the same model as the benchmark's networks, written again here
+    so that a test can pin bn_delta_ratio's large-batch limit and the report can show the batch-size trend;
+    it is not a closed form. Cost ~ nets * depth * batch * width^2.
+    """
+    act = get_activation(activation)
+    if depth <= 2 * skip + 1:
+        raise ValueError(f"depth={depth} must exceed 2 * skip + 1 = {2 * skip + 1}")
+    rng = np.random.default_rng(seed)
+    B = batch_size
+    rates = []
+    for _ in range(nets):
+        Ws = [rng.standard_normal((width, width)) / math.sqrt(width) for _ in range(depth)]
+        a = rng.standard_normal((B, width))
+        cache = []
+        for W in Ws:  # forward: z = a W, x_hat = BN(z), a = phi(x_hat)
+            z = a @ W
+            inv_std = 1.0 / z.std(0, keepdims=True)
+            x_hat = (z - z.mean(0, keepdims=True)) * inv_std
+            a = _phi(act, x_hat)
+            cache.append((x_hat, inv_std))
+        g = rng.standard_normal((B, width))  # dLoss/da at the top
+        norms = []
+        for W, (x_hat, inv_std) in zip(Ws[::-1], cache[::-1]):
+            dn = g * _dphi(act, x_hat)
+            dz = inv_std * (dn - dn.mean(0, keepdims=True) - x_hat * (dn * x_hat).mean(0, keepdims=True))
+            norms.append(np.linalg.norm(dz))
+            g = dz @ W.T
+        logs = np.diff(np.log(norms[::-1]))  # log(||delta^(l+1)|| / ||delta^l||), input side first
+        rates.append(-logs[skip:-skip].mean())
+    rates = np.asarray(rates)
+    return float(np.exp(rates.mean())), float(np.exp(rates.mean()) * rates.std(ddof=1) / math.sqrt(nets))

@@ -104,14 +104,28 @@ class TorchMLP(nn.Module):
             a = layer(a, x, train)
         return a
 
-    def loss_and_grads(self, x: torch.Tensor, d: torch.Tensor):
-        """One training forward and backward: (loss (E,), outputs (E, B, n_out)), grads in `grads`."""
+    def loss_and_grads(self, x: torch.Tensor, d: torch.Tensor, output_delta=None):
+        """One training forward and backward: (loss (E,), outputs (E, B, n_out)), grads in `grads`.
+
+        output_delta (lockstep only): backpropagate this dLoss/dz^L (E, B, n_out) instead of autograd's
+        own, which is kept in `self.output_delta` for a separate comparison. Where a net is confidently
+        right, y - d cancels (p_target = 1 - 1e-12 gives a delta ~1e-12 with rounding ~1e-16), so two
+        engines' output deltas differ relatively by ~1e-4 though both are right; starting both backward
+        passes from one delta keeps the comparison of the rest of the backward pass sharp.
+        """
         for p in self.params.values():
             p.grad = None
         y = self.forward(x, train=True)
-        losses = self.loss.value(y, d, self.layers[-1].n, torch)
+        out = self.layers[-1]
+        losses = self.loss.value(y, d, out.n, torch)
         # members are independent, so the gradient of the sum is each member's own gradient
-        losses.sum().backward()
+        if output_delta is None:
+            losses.sum().backward()
+        else:
+            (self.output_delta,) = torch.autograd.grad(losses.sum(), out.z, retain_graph=True)
+            for layer in self.layers:  # autograd.grad also filled the retained z.grad: start them afresh
+                layer.z.grad = None
+            out.z.backward(self.asarray(output_delta))
         return losses.detach(), y.detach()
 
     @property
@@ -135,3 +149,32 @@ class TorchMLP(nn.Module):
         for name, b in self.named_buffers():
             if name.endswith("running_mean") or name.endswith("running_var"):
                 b[k] = 1.0 if name.endswith("var") else 0.0
+
+
+def hidden_jacobian(net: TorchMLP, x) -> np.ndarray:
+    """The twin of `bench.numpy_mlp.hidden_jacobian` by autograd (torch.func.jacrev): d a^L / d a^1 for each
+    member and input, (E, B, N, N) as a NumPy array. Evaluation mode, no batch norm."""
+    from torch.func import jacrev
+
+    spec = net.spec
+    if spec.norm != "none" or len(set(spec.widths)) != 1:
+        raise ValueError("hidden_jacobian needs equal hidden widths and no batch norm")
+    x = net.asarray(x)
+    x = x[None] if x.ndim == 2 else x
+    with torch.no_grad():
+        first = net.layers[0]
+        a1 = first(x, x, False)  # (E, B, N): the first hidden layer's output
+    E, B = net.params[net.names[0]].shape[0], a1.shape[1]
+    out = np.empty((E, B, a1.shape[2], a1.shape[2]))
+    for e in range(E):
+        def upper(a, e=e):  # a^1 of one input, (N,) -> a^L, (N,), through member e's hidden layers 2..L
+            a = a[None, None]
+            for layer in net.layers[1:spec.depth]:
+                n = torch.matmul(a, layer.weight[e]) + layer.bias[e]
+                h = layer.act.phi(n, torch)
+                a = a + h if layer.residual else h
+            return a[0, 0]
+
+        for b in range(B):
+            out[e, b] = jacrev(upper)(a1[e if a1.shape[0] > 1 else 0, b]).detach().cpu().numpy()
+    return out

@@ -193,7 +193,7 @@ class LoggedMetrics:
 
 
 def train(task: Task, spec: NetSpec, tspec: TrainSpec, params: dict[str, np.ndarray], backend: str,
-          seeds, on_log=None, record: bool = True, lockstep=None) -> TrainOutput:
+          seeds, on_log=None, record: bool = True, lockstep=None, session=None) -> TrainOutput:
     """Train E = len(seeds) members from initial `params` {name: (E, ...)}; see the module docstring.
 
     on_log(step, losses) is called at every logged step (progress bars); record=False skips the
@@ -201,6 +201,8 @@ def train(task: Task, spec: NetSpec, tspec: TrainSpec, params: dict[str, np.ndar
     lockstep(step, net, buffers_before, batch_idx, alive, metrics, stats) is called at every logged
     step, before the update, with what a second network needs to redo the step on exactly these
     parameters (`bench.twin` uses it to check the torch twin in lockstep).
+    session (a `bench.checkpoint.Session`) resumes from its last checkpoint, saves new ones and
+    streams rows out in parts; the returned steps/layers then hold only the rows not yet streamed.
     """
     t0 = time.perf_counter()
     E = len(seeds)
@@ -227,8 +229,15 @@ def train(task: Task, spec: NetSpec, tspec: TrainSpec, params: dict[str, np.ndar
     lr_at, momentum_at, weight_decay = tspec.lr_at, tspec.momentum_at, tspec.weight_decay
     logged_every = tspec.log_every
     last = {}
+    start = 0
+    if session is not None and (saved := session.resume()) is not None:
+        from bench.checkpoint import restore
+
+        restore(net, opt, batches, saved["arrays"])
+        start, alive, diverged, solved = saved["t"], saved["alive"], saved["diverged"], saved["solved"]
+        unsolved, last = saved["unsolved"], saved["last"]
     with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
-        for t in range(last_step + 1):
+        for t in range(start, last_step + 1):
             logged = t % logged_every == 0 or t == last_step
             idx = batches.indices(t)
             xb, yb = data.batch(idx)
@@ -269,12 +278,20 @@ def train(task: Task, spec: NetSpec, tspec: TrainSpec, params: dict[str, np.ndar
                     lockstep(t, net, buffers_before, idx, alive, metrics, stats)
                 if on_log is not None:
                     on_log(t, metrics["loss"])
+                if session is not None:
+                    session.maybe_flush(rec)
             if t == last_step or (not alive.all() and not alive.any()):
                 break
             opt.step(net.params, net.grads, lr_at(t), momentum_at(t), weight_decay)
+            if session is not None and session.due(t + 1):
+                from bench.checkpoint import capture
+
+                session.save(t + 1, rec, {"arrays": capture(net, opt, batches), "alive": alive.copy(),
+                                          "diverged": diverged.copy(), "solved": solved.copy(),
+                                          "unsolved": unsolved, "last": last}, time.perf_counter() - t0)
     final = {k: np.where(alive, v, np.nan) for k, v in last.items()}
     return TrainOutput(
         steps=rec.steps_columns(), layers=rec.layers_columns() if record else {},
         status=["ok" if a else "diverged" for a in alive], diverged_step=diverged, solved_step=solved,
-        final=final, wall_time_s=time.perf_counter() - t0,
+        final=final, wall_time_s=time.perf_counter() - t0 + (session.elapsed if session is not None else 0.0),
         params={k: net.to_numpy(v).copy() for k, v in net.params.items()})

@@ -8,6 +8,12 @@ buffers, takes the same batch, and recomputes the loss, the gradients, every per
 evaluation metrics. Any difference then comes from that one step's arithmetic, and in float64 it must
 stay below 1e-9 relative (the CLI exits 1 above that).
 
+One subtlety: the loss derivative dLoss/dz^L contains y - d, which cancels where a net is confidently
+right (softmax p = 1 - 1e-12 on the target), so the two engines' output deltas can differ by 1e-4
+relative although both are right to rounding. The twin therefore computes its own output delta and
+compares it on the scale of its terms (`output_delta_diff`), then backpropagates the NumPy network's
+delta, so every per-layer statistic is compared on one and the same starting point.
+
 How two numbers are compared (one rule per kind of quantity, each with its reason):
   norms, losses      |a - b| / max(|a|, |b|): sums of squares and positive terms, no cancellation, so
                      relative rounding stays ~1e-15 however small the value (vanishing layers included)
@@ -15,6 +21,7 @@ How two numbers are compared (one rule per kind of quantity, each with its reaso
                      is relative to the size of the terms averaged, which act_std measures
   fractions          |a - b| (accuracy, act_saturation): counts over cases, already on the scale 1
   running mean/var   |a - b| / max(|a|, |b|, 1): batch-norm buffers, O(1) by construction
+  output_delta       max |a - b| / max c (|y| + |d|) g(y) per member: see above
 """
 
 from __future__ import annotations
@@ -50,6 +57,23 @@ def rel_diff(quantity: str, a: np.ndarray, b: np.ndarray, act_std: np.ndarray | 
     return np.where(both_nan, 0.0, np.where(np.isnan(out), np.inf, out))
 
 
+def output_delta_diff(spec: NetSpec, loss: str, delta_a, delta_b, y, d) -> np.ndarray:
+    """Per member, the largest difference of two output deltas dLoss/dz^L relative to the largest of
+    their terms: each entry is c (y - d) g(y), whose rounding is ~1e-16 c (|y| + |d|) g(y) however much
+    y - d cancels, so that is the scale (computed with |y| + |d| in place of y - d)."""
+    from bench import losses
+    from bench.activations import OUTPUTS
+    from bench.numpy_mlp import output_delta
+
+    d = np.broadcast_to(d, np.shape(y))
+    # z = |y| only stands in for the output's pre-activation: sigmoid's phi' reads y, identity's is 1,
+    # softmax's Jacobian is folded into the cross-entropy delta
+    scale = np.abs(output_delta(losses.get(loss), OUTPUTS[spec.output], np.abs(y), np.abs(y), -np.abs(d)))
+    scale = scale.reshape(len(y), -1).max(1)
+    diff = np.abs(np.asarray(delta_a) - np.asarray(delta_b)).reshape(len(y), -1).max(1)
+    return np.where(scale > 0, diff / np.where(scale > 0, scale, 1.0), diff)
+
+
 class Lockstep:
     """The `train(..., lockstep=)` hook: redoes each logged step on the torch twin and keeps the worst
     difference per (step, quantity), with the layer and parameter where it happened."""
@@ -58,12 +82,18 @@ class Lockstep:
         self.twin = make_network("torch", spec, params, tspec)
         self.data = LoggedMetrics(self.twin, task, spec, tspec, record=True)
         self.layout = row_layout(spec)
+        self.spec, self.loss = spec, tspec.loss
         self.rows: list[dict] = []
 
     def __call__(self, step, net, buffers_before, idx, alive, metrics, stats) -> None:
         twin = self.twin
         twin.load_state(net.params, buffers_before)
-        losses, y = twin.loss_and_grads(*self.data.batch(idx))
+        xb, yb = self.data.batch(idx)
+        delta_out = net.layers[-1].delta  # (E, B, n_out): the NumPy network's dLoss/dz^L of this step
+        losses, y = twin.loss_and_grads(xb, yb, output_delta=delta_out)
+        self._add(step, "output_delta", output_delta_diff(self.spec, self.loss, delta_out,
+                                                          twin.to_numpy(twin.output_delta), twin.to_numpy(y),
+                                                          twin.to_numpy(yb))[alive], (self.spec.n_layers, "weight"))
         metrics_t, stats_t = self.data.measure(twin, twin.to_numpy(losses).astype(np.float64), y)
         for q, v in metrics.items():
             self._add(step, q, rel_diff(q, v[alive], metrics_t[q][alive]), None)

@@ -20,18 +20,18 @@ LAYERS = [
     {"bench", "analysis"},  # package docstrings
     {"bench.activations", "bench.losses"},  # the registries: one entry per activation / loss
     {"bench.spec", "bench.tasks", "bench.results"},  # engine descriptions, data, the results schema
-    {"bench.init", "bench.record"},  # initial arrays; per-layer statistics (read the registries only)
+    {"bench.init", "bench.record", "bench.checkpoint"},  # initial arrays; statistics; a run's saved state
     {"bench.theory", "bench.numpy_mlp", "bench.torch_mlp"},  # mean-field predictions; the two networks
     {"bench.train"},  # the loop shared by both networks
-    {"bench.config"},  # the typed schema and its checks -> task and engine specs
-    {"bench.cli", "bench.guard"},  # errors as one line, progress; memory refusal before a job starts
+    {"bench.config"},  # the typed schema with every default, and its checks -> task and engine specs
+    {"bench.cli", "bench.guard"},  # errors as one line, progress; memory and disk refusals
     {"bench.twin"},  # the lockstep check: composes a config and trains both networks
     {"analysis.paper"},  # the sources' numbers, shared orders and labels
     {"analysis.tables"},  # results -> tables
     {"analysis.figures"},  # results -> figures (some read tables' summaries)
-    {"analysis.family_trees"},
+    {"analysis.family_trees", "analysis.extensions"},  # the 1986 family trees; the later papers
     {"analysis.report"},  # figures + tables -> report.md (runs the lockstep check on stored runs)
-    {"bench.sweep"},  # the Hydra sweep callback: summary lines, the report when a sweep ends
+    {"bench.sweep"},  # the Hydra callback: refusals before a job, sweep summaries, the report
     {"bench.run", "bench.perf"},  # run(cfg) and @hydra.main; the speed suite
 ]
 RANK = {module: rank for rank, layer in enumerate(LAYERS) for module in layer}

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, compose_cfg
 
+import bench.numpy_mlp as numpy_mlp
 from bench import twin
 from bench.activations import ACTIVATIONS
 from bench.init import init_params
@@ -34,6 +35,7 @@ def test_lockstep_agrees_at_every_logged_step_where_free_running_twins_part():
     logged = sorted(set(range(0, 61, 5)))
     assert sorted(table["step"].unique()) == logged
     expected = {"batch_loss", "loss", "accuracy", "test_loss", "test_accuracy", "running_mean", "running_var",
+                "output_delta",
                 "grad_norm", "grad_mean_abs", "weight_norm", "delta_norm", "act_mean", "act_std", "act_saturation"}
     assert set(table["quantity"]) == expected
     for step, rows in table.groupby("step"):
@@ -121,3 +123,19 @@ def test_cli(args, code, needle):
     if code == 0:  # the contract: the line ends in `max rel diff <number>`
         value = float(lines[0].rsplit("max rel diff ", 1)[1])
         assert 0 <= value <= twin.LIMIT
+
+
+def test_lockstep_compares_output_deltas_on_the_scale_of_their_terms(monkeypatch):
+    spec, tspec = _deep_bn(depth=2, activation="tanh", norm="none", steps=10)
+    params = init_params(spec, "xavier", [0])
+    table = twin.lockstep(DIGITS, spec, tspec, params, [0])
+    ok = table[table["quantity"] == "output_delta"]["max_rel_diff"]
+    assert len(ok) == 3 and ok.max() <= 1e-14  # rounding of (p - d) / B on the scale of p and d: a few ulps
+    real = numpy_mlp.output_delta
+
+    def slip(loss, out, y, z, d):  # a wrong normalisation of the loss derivative, 1e-6 off
+        return real(loss, out, y, z, d) * (1 + 1e-6)
+
+    monkeypatch.setattr(numpy_mlp, "output_delta", slip)
+    table = twin.lockstep(DIGITS, spec, tspec, params, [0])
+    assert table[table["quantity"] == "output_delta"]["max_rel_diff"].min() > 1e-8

@@ -1,0 +1,130 @@
+"""Checkpoint and resume inside a run; rows streamed out in parts; running rows readable.
+
+A run interrupted at any step and rerun must end with steps and layers tables equal, value for
+value (exact: the same arithmetic on the same bits), to a run that was never interrupted; runs rows
+equal apart from created_at and wall_time_s.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import compose_cfg
+
+import bench.checkpoint as ck
+from bench import cli, results
+from bench.run import run
+
+CASES = {  # every piece of state a resume must restore: velocities, batch-norm buffers, data order
+    "numpy-minibatch-bn": ["backend=numpy", "model.norm=batchnorm", "model.depth=2", "model.width=3",
+                           "train.batch_size=2", "ensemble=3"],
+    "torch-minibatch-bn": ["backend=torch", "model.norm=batchnorm", "model.depth=2", "model.width=3",
+                           "train.batch_size=2", "ensemble=3"],
+    "numpy-teacher-fullbatch": ["backend=numpy", "task=teacher", "task.n_train=64", "model.depth=3",
+                                "model.width=8", "ensemble=2"],
+    "torch-digits-minibatch": ["backend=torch", "task=digits", "model.depth=2", "model.width=16",
+                               "train.batch_size=32", "train.lr=0.1", "ensemble=2"],
+}
+STEPS = ["train.steps=60", "log.every=4", "train.momentum=0.9"]
+
+
+class Stop(KeyboardInterrupt):
+    """Raised from the progress callback: the job dies there as a Ctrl-C (or a kill) would."""
+
+
+def _interrupt_at(monkeypatch, step: int) -> None:
+    real = cli.Progress.__call__
+
+    def call(self, t, losses):
+        if t >= step:
+            raise Stop
+        real(self, t, losses)
+
+    monkeypatch.setattr(cli.Progress, "__call__", call)
+
+
+def _tables(root):
+    res = results.load(root, config_columns=["seed"])
+    runs = res.runs.drop(columns=["created_at", "wall_time_s", "job_id"])
+    runs["config_json"] = [json.dumps({**json.loads(c), "results_dir": None}) for c in runs["config_json"]]
+    return runs, res.steps.drop(columns="job_id"), res.layers.drop(columns="job_id")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("stop_at", [24, 41])  # right after a checkpoint (24), and between two (41)
+def test_interrupted_run_resumes_to_identical_tables(case, stop_at, tmp_path, monkeypatch):
+    overrides = [*CASES[case], *STEPS, "name=e"]
+    run(compose_cfg(overrides, results_dir=tmp_path / "whole"))
+
+    monkeypatch.setattr(ck, "CHUNK_ROWS", 30)  # parts of a few logged steps: several per run
+    every = ["checkpoint.every_steps=12"]  # checkpoints after updates 12, 24, 36, 48
+    with monkeypatch.context() as m:
+        _interrupt_at(m, stop_at)
+        with pytest.raises(Stop):
+            run(compose_cfg([*overrides, *every], results_dir=tmp_path / "cut"))
+    exp = tmp_path / "cut" / "e"
+    job_dir = next((exp / ck.RUNNING).iterdir())
+    assert (job_dir / "state.pkl").is_file() and list((job_dir / "layers").glob("part-*.parquet"))
+    assert not (exp / "runs").exists() or not list((exp / "runs").glob("*.parquet"))  # nothing committed
+
+    # while it is stopped, the rows written so far are readable, marked running, and left out by default
+    live = results.load(exp, running=True)
+    assert set(live.runs["status"]) == {"running"} and len(live.runs) == len(live.runs["run_id"].unique())
+    assert 0 < live.steps["step"].max() < stop_at
+    assert len(results.load(exp).runs) == 0
+
+    run(compose_cfg([*overrides, *every], results_dir=tmp_path / "cut"))
+    assert not (exp / ck.RUNNING).exists()  # committed: the checkpoint and parts are gone
+    for a, b, name in zip(_tables(tmp_path / "whole" / "e"), _tables(exp), ("runs", "steps", "layers")):
+        pd.testing.assert_frame_equal(a, b, check_exact=True, obj=name)
+
+
+def test_resume_restores_from_the_last_checkpoint_not_the_start(tmp_path, monkeypatch):
+    overrides = [*CASES["numpy-minibatch-bn"], *STEPS, "name=e", "checkpoint.every_steps=12"]
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 41)
+        with pytest.raises(Stop):
+            run(compose_cfg(overrides, results_dir=tmp_path))
+    seen = []
+    real = cli.Progress.__call__
+    monkeypatch.setattr(cli.Progress, "__call__", lambda self, t, losses: (seen.append(t), real(self, t, losses)))
+    run(compose_cfg(overrides, results_dir=tmp_path))
+    assert seen[0] == 36 and seen[-1] == 60  # the last checkpoint came after update 36: step 36 is next
+
+
+def test_long_run_streams_rows_in_parts(tmp_path, monkeypatch):
+    """Rows leave memory in parts: the recorder never holds more than a part's worth."""
+    monkeypatch.setattr(ck, "CHUNK_ROWS", 50)
+    held = []
+    real = ck.Session.maybe_flush
+
+    def spy(self, rec):
+        real(self, rec)
+        held.append(rec.pending_rows())
+
+    monkeypatch.setattr(ck.Session, "maybe_flush", spy)
+    overrides = ["train.steps=400", "log.every=2", "ensemble=2", "name=e"]
+    run(compose_cfg(overrides, results_dir=tmp_path / "a"))
+    assert max(held) < 50 and len(held) == 201
+    monkeypatch.undo()
+    run(compose_cfg(overrides, results_dir=tmp_path / "b"))  # all in memory: the same tables
+    for a, b in zip(_tables(tmp_path / "a" / "e"), _tables(tmp_path / "b" / "e")):
+        pd.testing.assert_frame_equal(a, b, check_exact=True)
+    assert np.array_equal(pd.read_parquet(tmp_path / "a" / "e" / "layers").drop(columns="job_id").to_numpy(),
+                          pd.read_parquet(tmp_path / "b" / "e" / "layers").drop(columns="job_id").to_numpy())
+
+
+def test_overwrite_discards_an_old_checkpoint(tmp_path, monkeypatch):
+    overrides = [*CASES["numpy-minibatch-bn"], *STEPS, "name=e", "checkpoint.every_steps=12"]
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 41)
+        with pytest.raises(Stop):
+            run(compose_cfg(overrides, results_dir=tmp_path))
+    seen = []
+    real = cli.Progress.__call__
+    monkeypatch.setattr(cli.Progress, "__call__", lambda self, t, losses: (seen.append(t), real(self, t, losses)))
+    run(compose_cfg([*overrides, "overwrite=true"], results_dir=tmp_path))
+    assert seen[0] == 0
