@@ -20,7 +20,6 @@ Short jobs never touch this folder: rows stay in memory and no checkpoint falls 
 
 from __future__ import annotations
 
-import os
 import pickle
 import shutil
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.results import RUNNING  # noqa: F401  (where running jobs live: the results layout's)
+from bench.results import RUNNING, atomic_file  # where running jobs live, and how files are written
 
 CHUNK_ROWS = 50_000  # logged rows held in memory before they are streamed out as a part (~20 MB at the peak)
 
@@ -179,18 +178,9 @@ class Session:
         """Flush the rows so far, then write the state atomically: rows and state agree at every kill."""
         self.flush(rec)
         self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.dir / "state.pkl"
-        tmp = path.with_name(f".state.pkl.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                pickle.dump({"parts": self.parts, "elapsed": self.elapsed + train_seconds,
-                             "loop": dict(loop, t=next_step)}, f, protocol=pickle.HIGHEST_PROTOCOL)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_file(self.dir / "state.pkl") as f:
+            pickle.dump({"parts": self.parts, "elapsed": self.elapsed + train_seconds,
+                         "loop": dict(loop, t=next_step)}, f, protocol=pickle.HIGHEST_PROTOCOL)
         self.last_save = time.monotonic()
         if self._signal is not None:  # saved: now let submitit requeue the job and exit
             handler, sig = self._signal

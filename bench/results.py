@@ -17,6 +17,7 @@ This module knows nothing about training; it only writes and reads the tables.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import json
@@ -176,20 +177,26 @@ def _to_table(cols: dict, schema: pa.Schema, table: str) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def _write_atomic(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # hidden from dataset discovery
-    # byte-stream-split puts the (alike) exponent bytes of floats together: ~7-15% smaller with zstd
-    floats = [f.name for f in table.schema if pa.types.is_floating(f.type)]
+@contextlib.contextmanager
+def atomic_file(path: Path):
+    """Write `path` through a hidden temporary beside it (hidden from dataset discovery): on success it
+    is flushed to disk and renamed into place, so a reader never meets a partial file; on any error,
+    a kill included, no file appears under the real name and the temporary is removed where possible."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            pq.write_table(table, f, compression="zstd", use_dictionary=_DICT_COLUMNS,
-                           use_byte_stream_split=floats)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _write_atomic(table: pa.Table, path: Path) -> None:
+    with atomic_file(path) as f:
+        pq.write_table(table, f, **_writer_options(table.schema))
 
 
 def sorted_table(table: str, data, job_id: str) -> pa.Table:
@@ -216,20 +223,11 @@ def _writer_options(schema: pa.Schema) -> dict:
 def write_part(table: pa.Table, path: Path) -> None:
     """A streamed part of a running job (bench.checkpoint): sorted rows, one row group per run, so
     that the final merge can copy each run's rows in run order one row group at a time."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     rid = table.column("run_id").to_numpy(zero_copy_only=False)
     starts = np.flatnonzero(np.append(True, rid[1:] != rid[:-1])) if len(rid) else np.zeros(0, int)
-    try:
-        with open(tmp, "wb") as f:
-            with pq.ParquetWriter(f, table.schema, **_writer_options(table.schema)) as w:
-                for a, b in zip(starts, np.append(starts[1:], len(rid))):
-                    w.write_table(table.slice(a, b - a))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f, pq.ParquetWriter(f, table.schema, **_writer_options(table.schema)) as w:
+        for a, b in zip(starts, np.append(starts[1:], len(rid))):
+            w.write_table(table.slice(a, b - a))
 
 
 def write_running_runs(path: Path, runs) -> None:
@@ -248,23 +246,15 @@ def _merge_parts_atomic(parts: list[Path], path: Path, schema: pa.Schema) -> Non
         for g in range(f.metadata.num_row_groups):
             stats = f.metadata.row_group(g).column(col).statistics  # one run per row group: min = the run
             where.setdefault(stats.min, []).append((i, g))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as out:
-            with pq.ParquetWriter(out, schema, **_writer_options(schema)) as w:
-                if not where:
-                    w.write_table(schema.empty_table())
-                for rid in sorted(where):
-                    for i, g in where[rid]:
-                        # one thread: the pool's per-thread arenas would each keep a row group's memory
-                        group = files[i].read_row_group(g, use_threads=False)
-                        w.write_table(pa.Table.from_arrays(group.columns, schema=schema))
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        with atomic_file(path) as out, pq.ParquetWriter(out, schema, **_writer_options(schema)) as w:
+            if not where:
+                w.write_table(schema.empty_table())
+            for rid in sorted(where):
+                for i, g in where[rid]:
+                    # one thread: the pool's per-thread arenas would each keep a row group's memory
+                    group = files[i].read_row_group(g, use_threads=False)
+                    w.write_table(pa.Table.from_arrays(group.columns, schema=schema))
     finally:
         for f in files:
             f.close()
