@@ -229,8 +229,8 @@ def rumelhart_table(runs: pd.DataFrame) -> tuple[pd.DataFrame, str]:
         })
     note = ("Ours: every seed of the preset (conf/experiment/rumelhart_*.yaml), full-batch sweeps, 1/2 SSE "
             "summed over cases (family trees: the paper's error, zero for outputs within 0.2 of their target, "
-            "train.loss=sse_half_deadzone), SGD with momentum, initial weights as in init_range. 'Solved' = every output of "
-            "every pattern within 0.4 of its target (family trees: 0.2), checked after each sweep. Sweeps to "
+            "train.loss=sse_half_deadzone), SGD with momentum, initial weights as in init_range. 'Solved' = every "
+            "output of every pattern within 0.4 of its target (family trees: 0.2), checked after each sweep. Sweeps to "
             "criterion are Kaplan-Meier estimates over ALL seeds (scipy.stats.ecdf on CensoredData): a seed "
             "that never met the criterion is right-censored at the cap (a diverged seed too: it has not solved "
             "the task and will not). solved = seeds solved within the cap, solved_fraction = the Kaplan-Meier "

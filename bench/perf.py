@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import os
 import platform
 import shutil
@@ -104,6 +105,16 @@ def cuda_available() -> bool:
         return False
 
 
+def _with_threads(n: int, fn) -> None:
+    with torch_threads(n):
+        fn()
+
+
+def _trainer(task, spec, tspec, params, backend, record=True):
+    """A zero-argument callable that trains seed 0 once: what `interleaved` times."""
+    return functools.partial(train, task, spec, tspec, params, backend, [0], record=record)
+
+
 # ---------------------------------------------------------------------------------------------- P1
 
 def floor_step_loop(x, d, params, steps, lr, momentum):
@@ -149,17 +160,12 @@ def p1(s: Suite):
         params = init_params(spec, "uniform", [0], scale=0.3)
         x, d = task.x_train, task.y_train
 
-        def run(backend):
-            return lambda: train(task, spec, tspec, params, backend, [0])
-
         with torch_threads(1):
-            fns = {"numpy": run("numpy"), "torch": run("torch"),
-                   "floor": lambda: floor_step_loop(x, d, params, steps, 0.5, 0.9)}
+            fns = {"numpy": _trainer(task, spec, tspec, params, "numpy"),
+                   "torch": _trainer(task, spec, tspec, params, "torch"),
+                   "floor": functools.partial(floor_step_loop, x, d, params, steps, 0.5, 0.9)}
             if not s.quick:
-                def torch_default_threads():
-                    with torch_threads(default_threads):
-                        run("torch")()
-                fns["torch-threads"] = torch_default_threads
+                fns["torch-threads"] = functools.partial(_with_threads, default_threads, fns["torch"])
             times = interleaved(fns, s.repeats)
         sps = {k: (steps + 1) / np.median(v) for k, v in times.items()}
         for k, v in times.items():
@@ -226,7 +232,7 @@ def p2(s: Suite):
         backends = ("numpy", "torch") if device == "cpu" else ("torch",)
         fns = {}
         for b in backends:
-            fns[f"train {b}"] = (lambda b=b: train(task, spec, tspec, params, b, [0], record=False))
+            fns[f"train {b}"] = _trainer(task, spec, tspec, params, b, record=False)
             bare = bare_matmul_loop(b, width, depth, batch, dtype, device)
             fns[f"bare {b}"] = (lambda bare=bare: [bare() for _ in range(steps + 1)])
         times = interleaved(fns, min(s.repeats, 5))  # seconds per round at full size
@@ -253,9 +259,8 @@ def p3(s: Suite):
         params = init_params(spec, "xavier", [0])
         for backend in ("numpy", "torch"):
             with torch_threads(1):
-                times = interleaved({
-                    "on": lambda: train(task, spec, tspec, params, backend, [0], record=True),
-                    "off": lambda: train(task, spec, tspec, params, backend, [0], record=False)}, s.repeats)
+                times = interleaved({"on": _trainer(task, spec, tspec, params, backend, record=True),
+                                     "off": _trainer(task, spec, tspec, params, backend, record=False)}, s.repeats)
             over = np.median(times["on"]) / np.median(times["off"]) - 1
             target, met = ("overhead <= 5%", over <= 0.05) if width >= 64 else ("", None)
             s.add("P3", f"digits 64-{width}x4-10 B128, record every step", backend, "overhead",
