@@ -283,11 +283,13 @@ def nielsen_table(runs: pd.DataFrame, layers: pd.DataFrame) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------ mean field
-MEANFIELD_NOTE = (
-    "Measured: per run, the median of ||delta^l|| / ||delta^(l+1)|| over hidden layers l in the middle half of "
-    "the net (step 0), then the median and IQR over seeds. Predicted: sqrt(chi_1) at the fixed point q*, and "
-    "along the finite-depth q path from the inputs (median over the same layers), which is what a 20-layer net "
-    "sees when q* is approached slowly (tanh at sigma_b = 0: q* = 0). xi = -1/ln chi_1(q*) (negative: growth).")
+MEANFIELD_NOTE = " ".join((
+    "Measured: per run, the median of ||delta^l|| / ||delta^(l+1)|| over hidden layers l in the middle half of the "
+    "net (step 0), then the median and IQR over seeds.",
+    "Predicted: sqrt(chi_1) at the fixed point q*, and along the finite-depth q path from the inputs (median over "
+    "the same layers), which is what a 20-layer net sees when q* is approached slowly (tanh at sigma_b = 0: q* = 0).",
+    "xi = -1/ln chi_1(q*) (negative: growth).",
+))
 
 
 def meanfield_table(runs: pd.DataFrame, layers: pd.DataFrame) -> pd.DataFrame:

@@ -79,14 +79,11 @@ _ENGLISH = [
     ("Jennifer", "f", "Charles", "Andrew", "Christine"), ("Charles", "m", "Jennifer", None, None),
     ("Colin", "m", None, "James", "Victoria"), ("Charlotte", "f", None, "James", "Victoria"),
 ]
-_ITALIAN = [
-    ("Roberto", "m", "Maria", None, None), ("Maria", "f", "Roberto", None, None),
-    ("Pierro", "m", "Francesca", None, None), ("Francesca", "f", "Pierro", None, None),
-    ("Gina", "f", "Emilio", None, None), ("Emilio", "m", "Gina", "Roberto", "Maria"),
-    ("Lucia", "f", "Marco", "Roberto", "Maria"), ("Marco", "m", "Lucia", "Pierro", "Francesca"),
-    ("Angela", "f", "Tomaso", "Pierro", "Francesca"), ("Tomaso", "m", "Angela", None, None),
-    ("Alfonso", "m", None, "Marco", "Lucia"), ("Sophia", "f", None, "Marco", "Lucia"),
-]
+# the Italian family is the same tree with other names, person for person
+_ITALIAN_NAME = dict(zip([row[0] for row in _ENGLISH], (
+    "Roberto", "Maria", "Pierro", "Francesca", "Gina", "Emilio", "Lucia", "Marco", "Angela", "Tomaso", "Alfonso",
+    "Sophia")))
+_ITALIAN = [tuple(_ITALIAN_NAME.get(v, v) for v in row) for row in _ENGLISH]
 RELATIONS = ("father", "mother", "husband", "wife", "son", "daughter",
              "uncle", "aunt", "brother", "sister", "nephew", "niece")
 
