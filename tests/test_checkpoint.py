@@ -82,7 +82,8 @@ def test_interrupted_run_resumes_to_identical_tables(case, stop_at, tmp_path, mo
         pd.testing.assert_frame_equal(a, b, check_exact=True, obj=name)
 
 
-def test_resume_restores_from_the_last_checkpoint_not_the_start(tmp_path, monkeypatch):
+def _interrupted_then_rerun(tmp_path, monkeypatch, *extra) -> list[int]:
+    """Interrupt a checkpointing run at update 41, rerun it (with `extra` overrides): the logged steps seen."""
     overrides = [*CASES["numpy-minibatch-bn"], *STEPS, "name=e", "checkpoint.every_steps=12"]
     with monkeypatch.context() as m:
         _interrupt_at(m, 41)
@@ -91,7 +92,12 @@ def test_resume_restores_from_the_last_checkpoint_not_the_start(tmp_path, monkey
     seen = []
     real = cli.Progress.__call__
     monkeypatch.setattr(cli.Progress, "__call__", lambda self, t, losses: (seen.append(t), real(self, t, losses)))
-    run(compose_cfg(overrides, results_dir=tmp_path))
+    run(compose_cfg([*overrides, *extra], results_dir=tmp_path))
+    return seen
+
+
+def test_resume_restores_from_the_last_checkpoint_not_the_start(tmp_path, monkeypatch):
+    seen = _interrupted_then_rerun(tmp_path, monkeypatch)
     assert seen[0] == 36 and seen[-1] == 60  # the last checkpoint came after update 36: step 36 is next
 
 
@@ -118,13 +124,5 @@ def test_long_run_streams_rows_in_parts(tmp_path, monkeypatch):
 
 
 def test_overwrite_discards_an_old_checkpoint(tmp_path, monkeypatch):
-    overrides = [*CASES["numpy-minibatch-bn"], *STEPS, "name=e", "checkpoint.every_steps=12"]
-    with monkeypatch.context() as m:
-        _interrupt_at(m, 41)
-        with pytest.raises(Stop):
-            run(compose_cfg(overrides, results_dir=tmp_path))
-    seen = []
-    real = cli.Progress.__call__
-    monkeypatch.setattr(cli.Progress, "__call__", lambda self, t, losses: (seen.append(t), real(self, t, losses)))
-    run(compose_cfg([*overrides, "overwrite=true"], results_dir=tmp_path))
+    seen = _interrupted_then_rerun(tmp_path, monkeypatch, "overwrite=true")
     assert seen[0] == 0
