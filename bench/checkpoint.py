@@ -95,6 +95,7 @@ class Session:
         self.last_save = time.monotonic()
         self.resumed_from: int | None = None
         self._signal = None  # (handler, signum) of a preemption signal to pass on after the next save
+        self.handed_over = False  # that handler has run: what it raises ends the job, not just a run
 
     def arm(self) -> None:
         """Under submitit, SLURM's warning signal (USR2 in submitit 1.5, USR1 in older ones; sent before
@@ -186,7 +187,8 @@ class Session:
             handler, sig = self._signal
             self._signal = None
             self.disarm()
-            handler(sig, None)
+            self.handed_over = True
+            handler(sig, None)  # requeues and exits, or raises: not requeued (e.g. timed out too many times)
 
     # ---- what run() calls ------------------------------------------------------------------------------
     def part_files(self, table: str) -> list[Path]:

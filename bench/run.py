@@ -139,6 +139,8 @@ def run(cfg: DictConfig) -> dict[str, int]:
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as e:  # a failed run is recorded with its error and the sweep goes on
+        if session.handed_over:  # submitit would not requeue it: the job fails, its checkpoint stays
+            raise
         out, error = None, f"{type(e).__name__}: {e}"
         log.error("%s failed: %s\n%s", desc, error, traceback.format_exc())
     finally:

@@ -11,6 +11,9 @@
 # (CommunicationParameters=NoCtldInAddrAny,NoInAddrAny), and that name is `localhost`, 127.0.0.1;
 # munged talks over a Unix socket in the same folder. The partition is `debug`.
 # VGBENCH_SLURM_DIR (default /tmp/vgbench-slurm) holds the config, state, logs and pid files.
+# Faster than a real cluster's defaults, so the requeue tests take minutes: a requeued job may start
+# again cred_expire+1 = 11 s after its requeue (default 121 s), the scheduler looks at the queue every
+# 2 s (default 60 s); SlurmctldDebug=debug logs each time-limit warning signal the controller sends.
 set -euo pipefail
 
 DIR="${VGBENCH_SLURM_DIR:-/tmp/vgbench-slurm}"
@@ -45,7 +48,7 @@ SlurmdPort=${VGBENCH_SLURMD_PORT:-6818}
 CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$DIR/munge.socket
+AuthInfo=socket=$DIR/munge.socket,cred_expire=10
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation=$DIR/state
@@ -61,6 +64,7 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 MpiDefault=none
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
@@ -68,6 +72,7 @@ SlurmctldTimeout=30
 SlurmdTimeout=30
 MinJobAge=600
 KillWait=10
+SlurmctldDebug=debug
 NodeName=localhost NodeAddr=127.0.0.1 NodeHostname=localhost CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 EOF

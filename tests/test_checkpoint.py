@@ -8,6 +8,9 @@ equal apart from created_at and wall_time_s.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sys
 
 import numpy as np
 import pandas as pd
@@ -126,3 +129,49 @@ def test_long_run_streams_rows_in_parts(tmp_path, monkeypatch):
 def test_overwrite_discards_an_old_checkpoint(tmp_path, monkeypatch):
     seen = _interrupted_then_rerun(tmp_path, monkeypatch, "overwrite=true")
     assert seen[0] == 0
+
+
+class NotRequeued(Exception):
+    """What submitit's handler raises when it will not requeue the job (e.g. timed out too many times)."""
+
+
+@pytest.mark.parametrize("requeued", [True, False])
+def test_warning_signal_checkpoints_then_hands_over_to_submitit(requeued, tmp_path, monkeypatch):
+    """Under submitit, SLURM's warning signal (SIGUSR2, before a time limit) reaches submitit's handler
+    only after the step in progress has ended and a checkpoint is saved. Whether the handler requeues
+    the job (and exits) or refuses to (and raises), the job ends there with nothing committed and its
+    checkpoint kept, not as a `failed` run; the next attempt resumes from that step."""
+    overrides = [*CASES["numpy-minibatch-bn"], *STEPS, "name=e", "checkpoint.every_minutes=null"]
+    run(compose_cfg(overrides, results_dir=tmp_path / "whole"))
+    caught = []
+
+    def submitit_handler(signum, frame):  # stands in for submitit's checkpoint_and_try_requeue
+        caught.append(signum)
+        if requeued:
+            sys.exit(-1)
+        raise NotRequeued("Job not requeued because: timed-out too many times.")
+
+    real = cli.Progress.__call__
+
+    def call(self, t, losses):
+        if t == 28:
+            os.kill(os.getpid(), signal.SIGUSR2)  # SLURM's warning, in the middle of the run
+        real(self, t, losses)
+
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(cli.Progress, "__call__", call)
+            with pytest.raises(SystemExit if requeued else NotRequeued):
+                run(compose_cfg(overrides, results_dir=tmp_path / "cut"))
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert caught == [signal.SIGUSR2]
+    exp = tmp_path / "cut" / "e"
+    assert len(results.load(exp, running=True).runs) == 3 and len(results.load(exp).runs) == 0
+    seen = []
+    monkeypatch.setattr(cli.Progress, "__call__", lambda self, t, losses: (seen.append(t), real(self, t, losses)))
+    run(compose_cfg(overrides, results_dir=tmp_path / "cut"))
+    assert 28 < seen[0] <= 32  # resumed right after the step the signal arrived in (no periodic checkpoint)
+    for a, b, name in zip(_tables(tmp_path / "whole" / "e"), _tables(exp), ("runs", "steps", "layers")):
+        pd.testing.assert_frame_equal(a, b, check_exact=True, obj=name)

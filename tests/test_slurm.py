@@ -1,17 +1,24 @@
 """A real (single-node, loopback-only) SLURM cluster: scripts/slurm_local.sh starts it.
 
 (a) a sweep through hydra/launcher=submitit_slurm writes the same run ids and rows as the basic
-    launcher; (b) a run longer than its SLURM time limit is stopped by SLURM's warning signal,
+    launcher; (b) a run longer than its SLURM time limit gets SLURM's warning signal before the limit,
     checkpoints, is requeued by submitit and resumes from the checkpoint, ending with the same tables
-    as an uninterrupted run. Slow: run with `pytest -m slow tests/test_slurm.py`.
+    as an uninterrupted run; (c) a job requeued without warning (`scontrol requeue`: SIGTERM, SIGKILL)
+    resumes from its last periodic checkpoint, with the same tables. Slow: run with
+    `pytest -m slow tests/test_slurm.py` (about 5 minutes on a loaded 2-core machine).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -74,10 +81,9 @@ def test_sweep_through_slurm_equals_the_basic_launcher(slurm, tmp_path):
     assert list((b / ".hydra" / "multirun").glob("*/.submitit/*/*_log.out"))  # it did go through SLURM
 
 
-# ~1 minute of training on a loaded 2-core machine; a checkpoint every 500 updates
-LONG = ["task=teacher", "task.n_train=256", "model.depth=4", "model.width=32", "train.steps=8000",
-        "log.every=500", "train.lr=0.05", "name=t", "progress=log", "checkpoint.every_steps=500",
-        "checkpoint.every_minutes=null"]
+# a run that takes a while: 8000 steps are ~1 minute of training on a loaded 2-core machine
+LONG = ["task=teacher", "task.n_train=256", "model.depth=4", "model.width=32", "log.every=500", "train.lr=0.05",
+        "name=t", "progress=log"]
 
 
 def _logs(folder: Path) -> str:
@@ -85,44 +91,104 @@ def _logs(folder: Path) -> str:
                      and (p.suffix == ".log" or "_log." in p.name))
 
 
-@pytest.mark.parametrize("how", ["requeue", "warning-signal"])
-def test_requeued_job_resumes_from_its_checkpoint(how, slurm, tmp_path):
-    """SLURM stops the job once it has a checkpoint: `scontrol requeue` (SIGTERM, then SIGKILL: the
-    job resumes from its last periodic checkpoint), or the warning signal SLURM sends before a time
-    limit or a preemption (`scancel --signal=USR2`, what `--signal=USR2@signal_delay_s` sends): the job
-    checkpoints at the end of its step and submitit requeues it. SLURM holds a requeued job ~2 min.
-    (A real time limit is not used: with a 1-2 minute limit SLURM's ~1 minute signal resolution can
-    send the warning before submitit's handler exists, which kills the job outright.)"""
-    import subprocess
-    import sys
-    import time
-
-    whole = run_cli(*LONG, f"results_dir={tmp_path / 'whole'}")
-    assert whole.returncode == 0, whole.stderr[-2000:]
+def _through_slurm(config, results_dir: Path, slurm, *launcher) -> subprocess.Popen:
+    """Start a sweep through submitit_slurm in the background (stderr to a file: a pipe nobody reads
+    while the sweep waits would fill up with submitit's polling warnings and block it)."""
     env = dict(os.environ, **slurm, PYTHONPATH=str(ROOT))
-    sweep = subprocess.Popen([sys.executable, "-m", "bench.run", "-m", *LONG, f"results_dir={tmp_path / 'cut'}",
-                              "hydra/launcher=submitit_slurm", "hydra.launcher.partition=debug",
-                              "hydra.launcher.timeout_min=30", "hydra.launcher.max_num_timeout=3"],
-                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    results_dir.mkdir(parents=True)
+    err = open(results_dir / "sweep.err", "w")
+    return subprocess.Popen([sys.executable, "-m", "bench.run", "-m", *config, f"results_dir={results_dir}",
+                             "hydra/launcher=submitit_slurm", "hydra.launcher.partition=debug", *launcher],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
+
+
+def _wait(sweep: subprocess.Popen, results_dir: Path) -> None:
+    rc = sweep.wait(timeout=900)
+    assert rc == 0, (results_dir / "sweep.err").read_text()[-3000:]
+
+
+def _stop(sweep: subprocess.Popen, slurm) -> None:
+    """After a failure: stop the sweep and its SLURM job."""
+    if sweep.poll() is None:
+        sweep.kill()
+        subprocess.run(["scancel", "--name=run"], env=dict(os.environ, **slurm), timeout=60)
+
+
+def _resumed_at(exp: Path) -> int:
+    """The step the last resumed attempt of the job started from (its log line is written when it ends)."""
+    logs = _logs(exp / ".hydra")
+    resumed = [line for line in logs.splitlines() if "resumed from the checkpoint at step" in line]
+    assert resumed, f"no attempt resumed from a checkpoint:\n{logs[-3000:]}"
+    return int(resumed[-1].rsplit(" ", 1)[1])
+
+
+def _slurm_job(exp: Path) -> str:
+    return next(exp.glob(".hydra/multirun/*/.submitit/*/")).name  # submitit's folder is the SLURM job id
+
+
+def test_requeued_job_resumes_from_its_checkpoint(slurm, tmp_path):
+    """`scontrol requeue` once the job has a checkpoint: SLURM sends SIGTERM (submitit ignores it),
+    then SIGKILL; the requeued job resumes from its last periodic checkpoint (every 500 updates) and
+    ends with the tables of an uninterrupted run."""
+    config = [*LONG, "train.steps=8000", "checkpoint.every_steps=500", "checkpoint.every_minutes=null"]
+    whole = run_cli(*config, f"results_dir={tmp_path / 'whole'}")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    sweep = _through_slurm(config, tmp_path / "cut", slurm, "hydra.launcher.timeout_min=30")
+    exp = tmp_path / "cut" / "t"
     try:
-        exp = tmp_path / "cut" / "t"
         deadline = time.monotonic() + 300
         while not list(exp.glob("running/*/state.pkl")):  # the first checkpoint is on disk
             assert sweep.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.2)
-        job = next(exp.glob(".hydra/multirun/*/.submitit/*/")).name  # submitit's folder is the SLURM job id
-        stop = (["scontrol", "requeue", job] if how == "requeue" else ["scancel", "--signal=USR2", job])
-        assert subprocess.run(stop, env=env, capture_output=True, timeout=60).returncode == 0
-        _, err = sweep.communicate(timeout=600)
-        assert sweep.returncode == 0, err[-3000:]
+        stop = subprocess.run(["scontrol", "requeue", _slurm_job(exp)], env=dict(os.environ, **slurm),
+                              capture_output=True, text=True, timeout=60)
+        assert stop.returncode == 0, stop.stderr
+        _wait(sweep, tmp_path / "cut")
     finally:
-        if sweep.poll() is None:
-            sweep.kill()
-            subprocess.run(["scancel", "--name=run"], env=env, timeout=60)
-    logs = _logs(exp / ".hydra")
-    resumed = [line for line in logs.splitlines() if "resumed from the checkpoint at step" in line]
-    assert resumed and int(resumed[-1].rsplit(" ", 1)[1]) > 0, logs[-3000:]
-    if how == "warning-signal":
-        assert "Requeued job" in logs and "Calling checkpoint method" in logs
+        _stop(sweep, slurm)
+    assert _resumed_at(exp) > 0
+    assert not (exp / "running").exists()
+    _assert_same(tmp_path / "whole" / "t", exp)
+
+
+# SLURM's own time limit. slurmctld checks time limits every 30 s (PERIODIC_TIMEOUT) and sends the
+# warning signal at the first check at or after `limit - signal_delay_s - 30 s`: with a 1-minute limit
+# and signal_delay_s=5 that is 25-55 s after the job starts, well after Python has armed its handlers
+# (~3 s), and at least 30 s before the check that would kill it. No periodic checkpoint: the only one
+# there is is the one the warning signal asks for.
+TIME_LIMIT = ["hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=5",
+              "hydra.launcher.max_num_timeout=10"]
+TRAIN_S = 100  # seconds of training at the speed measured first: the first attempt must outlast 55 s
+
+
+def test_time_limit_stops_the_job_and_the_requeued_job_resumes(slurm, tmp_path):
+    """Nothing is sent by the test: SLURM's warning before the job's 1-minute time limit (SIGUSR2,
+    `--signal=USR2@5`) makes the job checkpoint at the end of its step; submitit requeues it (the
+    limit counts as a time-out, so `max_num_timeout` must allow it) and the next attempt resumes
+    from that checkpoint, possibly several times. The tables equal an uninterrupted run's."""
+    config = [*LONG, "checkpoint.every_steps=null", "checkpoint.every_minutes=null"]
+    probe = run_cli(*config, "train.steps=2000", f"results_dir={tmp_path / 'probe'}")
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    per_step = results.load(tmp_path / "probe" / "t").runs["wall_time_s"].iloc[0] / 2000
+    config.append(f"train.steps={500 * math.ceil(TRAIN_S / per_step / 500)}")  # same length anywhere
+    sweep = _through_slurm(config, tmp_path / "cut", slurm, *TIME_LIMIT)
+    try:
+        whole = run_cli(*config, f"results_dir={tmp_path / 'whole'}", timeout=900)  # meanwhile, uninterrupted
+        assert whole.returncode == 0, whole.stderr[-2000:]
+        _wait(sweep, tmp_path / "cut")
+    finally:
+        _stop(sweep, slurm)
+    exp = tmp_path / "cut" / "t"
+    job, logs = _slurm_job(exp), _logs(exp / ".hydra")
+    ctld = (Path(slurm["SLURM_CONF"]).parent / "slurmctld.log").read_text(errors="replace")
+    # the controller sent the time-limit warning (logged at SlurmctldDebug=debug) ...
+    assert re.search(rf"send_job_warn_signal: warning signal {int(signal.SIGUSR2)} to JobId={job}\b", ctld), \
+        f"{config[-1]}: the job ended before SLURM's time-limit warning (a faster machine than measured?)"
+    # ... submitit caught it as a time-out and requeued the job, and SLURM counted the restart
+    assert "Caught signal SIGUSR2" in logs and "this job is timed-out" in logs and "Requeued job" in logs
+    shown = subprocess.run(["scontrol", "show", "job", job], env=dict(os.environ, **slurm), capture_output=True,
+                           text=True, timeout=60).stdout
+    assert int(re.search(r"Restarts=(\d+)", shown).group(1)) >= 1, shown
+    assert _resumed_at(exp) > 0  # from the checkpoint the warning asked for: there is no other
     assert not (exp / "running").exists()
     _assert_same(tmp_path / "whole" / "t", exp)
