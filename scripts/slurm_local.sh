@@ -35,12 +35,12 @@ install() {
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge >/dev/null
 }
 
-write_conf() {
+write_conf() {  # to $1
     mkdir -p "$DIR/state" "$DIR/spool"
     local cpus mem
     cpus=$(nproc)
     mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 2 ))  # half the RAM, in MB
-    cat >"$CONF" <<EOF
+    cat >"$1" <<EOF
 ClusterName=vgbench
 SlurmctldHost=localhost(127.0.0.1)
 SlurmctldPort=${VGBENCH_SLURMCTLD_PORT:-6817}
@@ -81,10 +81,17 @@ EOF
 start() {
     need_install && install
     if [ -f "$DIR/slurmctld.pid" ] && kill -0 "$(cat "$DIR/slurmctld.pid")" 2>/dev/null; then
+        write_conf "$CONF.now"
+        if ! cmp -s "$CONF" "$CONF.now"; then  # started by an older version of this script
+            rm -f "$CONF.now"
+            echo "error: the cluster running in $DIR has another configuration: $0 stop, then start" >&2
+            exit 1
+        fi
+        rm -f "$CONF.now"
         echo "already running: export SLURM_CONF=$CONF"
         return 0
     fi
-    write_conf
+    write_conf "$CONF"
     /usr/sbin/munged --socket="$DIR/munge.socket" --pid-file="$DIR/munged.pid" \
         --log-file="$DIR/munged.log" --seed-file="$DIR/munged.seed" --force
     export SLURM_CONF="$CONF"
