@@ -5,7 +5,7 @@
     checkpoints, is requeued by submitit and resumes from the checkpoint, ending with the same tables
     as an uninterrupted run; (c) a job requeued without warning (`scontrol requeue`: SIGTERM, SIGKILL)
     resumes from its last periodic checkpoint, with the same tables. Slow: run with
-    `pytest -m slow tests/test_slurm.py` (about 5 minutes on a loaded 2-core machine).
+    `pytest -m slow tests/test_slurm.py` (about 6 minutes on a loaded 2-core machine).
 """
 
 from __future__ import annotations
@@ -96,10 +96,10 @@ def _through_slurm(config, results_dir: Path, slurm, *launcher) -> subprocess.Po
     while the sweep waits would fill up with submitit's polling warnings and block it)."""
     env = dict(os.environ, **slurm, PYTHONPATH=str(ROOT))
     results_dir.mkdir(parents=True)
-    err = open(results_dir / "sweep.err", "w")
-    return subprocess.Popen([sys.executable, "-m", "bench.run", "-m", *config, f"results_dir={results_dir}",
-                             "hydra/launcher=submitit_slurm", "hydra.launcher.partition=debug", *launcher],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
+    with open(results_dir / "sweep.err", "w") as err:  # the child has its own copy of the descriptor
+        return subprocess.Popen([sys.executable, "-m", "bench.run", "-m", *config, f"results_dir={results_dir}",
+                                 "hydra/launcher=submitit_slurm", "hydra.launcher.partition=debug", *launcher],
+                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
 
 
 def _wait(sweep: subprocess.Popen, results_dir: Path) -> None:
@@ -154,8 +154,8 @@ def test_requeued_job_resumes_from_its_checkpoint(slurm, tmp_path):
 # SLURM's own time limit. slurmctld checks time limits every 30 s (PERIODIC_TIMEOUT) and sends the
 # warning signal at the first check at or after `limit - signal_delay_s - 30 s`: with a 1-minute limit
 # and signal_delay_s=5 that is 25-55 s after the job starts, well after Python has armed its handlers
-# (~3 s), and at least 30 s before the check that would kill it. No periodic checkpoint: the only one
-# there is is the one the warning signal asks for.
+# (~3 s), and at least 30 s before the check that would kill it. No periodic checkpoint: the only
+# checkpoint is the one the warning signal asks for.
 TIME_LIMIT = ["hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=5",
               "hydra.launcher.max_num_timeout=10"]
 TRAIN_S = 100  # seconds of training at the speed measured first: the first attempt must outlast 55 s
@@ -171,6 +171,8 @@ def test_time_limit_stops_the_job_and_the_requeued_job_resumes(slurm, tmp_path):
     assert probe.returncode == 0, probe.stderr[-2000:]
     per_step = results.load(tmp_path / "probe" / "t").runs["wall_time_s"].iloc[0] / 2000
     config.append(f"train.steps={500 * math.ceil(TRAIN_S / per_step / 500)}")  # same length anywhere
+    ctld_log = Path(slurm["SLURM_CONF"]).parent / "slurmctld.log"
+    seen = ctld_log.stat().st_size  # the log of earlier runs may name the same job id
     sweep = _through_slurm(config, tmp_path / "cut", slurm, *TIME_LIMIT)
     try:
         whole = run_cli(*config, f"results_dir={tmp_path / 'whole'}", timeout=900)  # meanwhile, uninterrupted
@@ -180,7 +182,8 @@ def test_time_limit_stops_the_job_and_the_requeued_job_resumes(slurm, tmp_path):
         _stop(sweep, slurm)
     exp = tmp_path / "cut" / "t"
     job, logs = _slurm_job(exp), _logs(exp / ".hydra")
-    ctld = (Path(slurm["SLURM_CONF"]).parent / "slurmctld.log").read_text(errors="replace")
+    with open(ctld_log, "rb") as f:
+        ctld = f.read()[seen:].decode(errors="replace")
     # the controller sent the time-limit warning (logged at SlurmctldDebug=debug) ...
     assert re.search(rf"send_job_warn_signal: warning signal {int(signal.SIGUSR2)} to JobId={job}\b", ctld), \
         f"{config[-1]}: the job ended before SLURM's time-limit warning (a faster machine than measured?)"
