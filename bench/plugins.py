@@ -48,7 +48,7 @@ import math
 import numpy as np
 
 from bench.activations import ACTIVATIONS, Activation
-from bench.init import INITS, SCHEMES, Init
+from bench.init import INITS, Init
 
 PLUGIN_FORM = "pkg.module:Name"
 # Finite differences: central, step e = FD_STEP max(1, |z|). Truncation e^2 phi'''/6 ~ 1e-12 and rounding
@@ -106,6 +106,16 @@ def _load(key: str, name: str):
     return obj
 
 
+def _registered_or_loaded(key: str, name, registry: dict):
+    """(name, its registry entry, None), or (name, None, the object loaded) for a new plug-in string."""
+    name = getattr(name, "value", name)  # a str-valued Enum
+    if name in registry:
+        return name, registry[name], None
+    if not is_plugin(name):
+        raise _unknown(key, name, [k for k in registry if not is_plugin(k)])
+    return name, None, _load(key, name)
+
+
 def _method(key: str, name: str, obj, attr: str, signature: str, required: bool = True):
     f = getattr(obj, attr, None)
     if f is None and not required:
@@ -120,13 +130,10 @@ def _method(key: str, name: str, obj, attr: str, signature: str, required: bool 
 # ---- activations --------------------------------------------------------------------------------
 def resolve_activation(name) -> Activation:
     """The registry entry for a built-in name or a (loaded, checked, registered) plug-in string."""
-    name = getattr(name, "value", name)
-    if name in ACTIVATIONS:
-        return ACTIVATIONS[name]
     key = "model.activation"
-    if not is_plugin(name):
-        raise _unknown(key, name, [a for a in ACTIVATIONS if not is_plugin(a)])
-    obj = _load(key, name)
+    name, entry, obj = _registered_or_loaded(key, name, ACTIVATIONS)
+    if entry is not None:
+        return entry
     phi = _method(key, name, obj, "phi", "phi(z, xp)")
     dphi = _method(key, name, obj, "dphi", "dphi(z, h, xp)")
     dphi_max = getattr(obj, "dphi_max", None)
@@ -255,13 +262,10 @@ def _check_twin_step(act: Activation) -> None:
 # ---- initialisers -------------------------------------------------------------------------------
 def resolve_init(name) -> Init:
     """The registry entry for a built-in scheme or a (loaded, checked, registered) plug-in string."""
-    name = getattr(name, "value", name)
-    if name in INITS:
-        return INITS[name]
     key = "model.init"
-    if not is_plugin(name):
-        raise _unknown(key, name, SCHEMES)
-    obj = _load(key, name)
+    name, entry, obj = _registered_or_loaded(key, name, INITS)
+    if entry is not None:
+        return entry
     sig = "fn(rng, shape, fan_in, fan_out, is_bias, scale, bias_scale)"
     draw = _method(key, name, obj, "draw", sig) if hasattr(obj, "draw") else obj
     if not callable(draw):
