@@ -4,6 +4,9 @@ Values live in `conf/*.yaml`; this file says what each key is and which values a
 rejects an unknown key, a wrong type or an unknown choice (the Enums) while composing; `validate`
 then checks ranges and combinations and raises `ConfigError` with one line that names the key and
 what would be valid. `bench.run.main` prints any of these as that one line and exits non-zero.
+`model.activation` and `model.init` are strings, not Enums: a registry key or a plug-in
+`pkg.module:Name`, which `validate` resolves (loads, checks and registers: bench.plugins) in whichever
+process validates, so a launcher's worker and `python -m bench.twin` find it too.
 """
 
 from __future__ import annotations
