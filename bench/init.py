@@ -41,6 +41,8 @@ class Init:
     name: str
     draw: Callable  # draw(rng, shape, fan_in, fan_out, is_bias, scale, bias_scale) -> ndarray of `shape`
     variances: Callable | None = None  # variances(fan_in, fan_out, scale, bias_scale) -> (sw2, sb2), or None
+
+
 def _orthogonal(rng: np.random.Generator, fan_in: int, fan_out: int) -> np.ndarray:
     a = rng.standard_normal((max(fan_in, fan_out), min(fan_in, fan_out)))
     q, r = np.linalg.qr(a)
