@@ -166,12 +166,16 @@ def _call(act: Activation, what: str, f, *args):
 
 
 def _as_grid(act: Activation, what: str, value, z: np.ndarray) -> np.ndarray:
-    """`value` as a float64 array of z's shape (a scalar broadcasts), else a refusal."""
+    """`value` as a float64 array, which must have z's shape (the recorder reduces dphi over units and
+    cases), else a refusal."""
     try:
-        return np.broadcast_to(np.asarray(value, dtype=np.float64), z.shape)
+        out = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
-        raise _fail(act, f"{what} returned {type(value).__name__} of shape {np.shape(value)}, not an array "
-                         f"broadcastable to z's {z.shape}") from None
+        out = None
+    if out is None or out.shape != z.shape:
+        raise _fail(act, f"{what} returned {type(value).__name__} of shape {np.shape(value)}, not an array of "
+                         f"z's shape {z.shape} (e.g. xp.ones_like(z) for a constant)")
+    return out
 
 
 def _worst(act: Activation, err: np.ndarray, z: np.ndarray, tol: float, what) -> None:
@@ -222,8 +226,9 @@ def _check_autograd(act, z, h, d, smooth) -> None:
     _worst(act, np.where(smooth, np.abs(d - g) / (1.0 + np.abs(g)), 0.0), z, TWIN_TOL,
            lambda i: f"dphi={d[i]:.6g} but torch's autograd of phi gives {g[i]:.6g}")
     dt = _call(act, "dphi(z, h, torch)", act.dphi, zt.detach(), ht.detach(), torch)
-    if not isinstance(dt, (torch.Tensor, int, float)):
-        raise _fail(act, f"dphi(z, h, torch) returned {type(dt).__name__}, not a tensor (use xp.*, not np.*)")
+    if not isinstance(dt, torch.Tensor) or dt.shape != zt.shape:  # the recorder's saturation, torch side
+        raise _fail(act, f"dphi(z, h, torch) returned {type(dt).__name__}, not a tensor of z's shape (use xp.*, "
+                         f"not np.*)")
 
 
 def _check_twin_step(act: Activation) -> None:
@@ -253,7 +258,7 @@ def _check_twin_step(act: Activation) -> None:
         n_all = np.concatenate([layer.n.ravel() for layer in numpy_net.layers[:spec.depth]])
         zt = torch.tensor(n_all, requires_grad=True)
         (g,) = torch.autograd.grad(act.phi(zt, torch).sum(), zt)
-        d = np.broadcast_to(act.dphi(n_all, act.phi(n_all, np), np), n_all.shape)
+        d = act.dphi(n_all, act.phi(n_all, np), np)
         i = int(np.argmax(np.abs(d - g.numpy())))
         raise _fail(act, f"lockstep twin step on a tiny float64 net: {where} gradient differs by {worst:.3g} "
                          f"(relative) between NumPy (dphi) and torch (autograd of phi)", n_all[i])

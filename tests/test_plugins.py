@@ -65,6 +65,14 @@ SOURCE = textwrap.dedent('''
         dphi_max = 0.5
 
 
+    class ScalarSlope:
+        def phi(self, z, xp):
+            return 1.0 * z
+
+        def dphi(self, z, h, xp):
+            return 1.0  # right, but a scalar: the recorder needs phi' per unit and case
+
+
     def he_again(rng, shape, fan_in, fan_out, is_bias, scale, bias_scale):
         """He's N(0, 2 g^2 / fan_in) weights and zero biases, drawn as bench.init draws "he"."""
         if is_bias:
@@ -150,6 +158,7 @@ def test_the_twin_step_alone_refuses_a_wrong_derivative(plugin):
     ("activation", f"{MODULE}:PhiNotCallable", "phi is not callable"),
     ("activation", f"{MODULE}:NumpyOnly", "phi(z, torch)"),
     ("activation", f"{MODULE}:BadSlope", "exceeds dphi_max=0.5"),
+    ("activation", f"{MODULE}:ScalarSlope", "not an array of z's shape"),
     ("activation", "a:b:c", "expected pkg.module:Name"),
     ("activation", "sigmod", "unknown; did you mean sigmoid? valid choices: sigmoid, tanh, relu"),
     ("init", "xavir", "unknown; did you mean xavier? valid choices: uniform, normal"),
