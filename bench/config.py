@@ -4,6 +4,9 @@ Values live in `conf/*.yaml`; this file says what each key is and which values a
 rejects an unknown key, a wrong type or an unknown choice (the Enums) while composing; `validate`
 then checks ranges and combinations and raises `ConfigError` with one line that names the key and
 what would be valid. `bench.run.main` prints any of these as that one line and exits non-zero.
+`model.activation` and `model.init` are strings, not Enums: a registry key or a plug-in
+`pkg.module:Name`, which `validate` resolves (loads, checks and registers: bench.plugins) in whichever
+process validates, so a launcher's worker and `python -m bench.twin` find it too.
 """
 
 from __future__ import annotations
@@ -21,9 +24,8 @@ from typing import Any, List
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from bench.activations import ACTIVATIONS
-from bench.init import SCHEMES
 from bench.losses import LOSSES
+from bench.plugins import PluginError, resolve_activation, resolve_init
 from bench.spec import NORMS, NetSpec, TrainSpec
 from bench.tasks import MAKERS, Task, make_task
 
@@ -41,9 +43,7 @@ class NotADirectoryConfigError(ConfigError):
 
 # Enums, not Literal: Hydra 1.3's OmegaConf checks Enum choices and names them in its error
 Backend = Enum("Backend", {"numpy": "numpy", "torch": "torch"})
-ActivationName = Enum("ActivationName", {a: a for a in ACTIVATIONS})
 Norm = Enum("Norm", {n: n for n in NORMS})
-Init = Enum("Init", {s: s for s in SCHEMES})
 LossName = Enum("LossName", {n: n for n in ("auto", *LOSSES)})
 DType = Enum("DType", {"float64": "float64", "float32": "float32"})
 Device = Enum("Device", {"cpu": "cpu", "cuda": "cuda"})
@@ -71,10 +71,11 @@ class ModelConfig:
     depth: int = 1  # hidden layers (>= 1)
     width: int = 4  # units per hidden layer (>= 1): 4 solves XOR from most seeds, 2 often sticks
     widths: List[int] | None = None  # explicit hidden widths, input side first; overrides depth/width
-    activation: ActivationName = ActivationName.sigmoid  # hidden non-linearity, see bench/activations.py
+    # hidden non-linearity: a key of bench/activations.py, or a plug-in pkg.module:Name (bench/plugins.py)
+    activation: str = "sigmoid"
     residual: bool = False  # a' = a + act(norm(W a + b)) around hidden layers of equal width
     norm: Norm = Norm.none  # batchnorm: batch statistics in training, running ones for evaluation
-    init: Init = Init.normal  # weight scheme, see bench/init.py; N(0, 1) is Nielsen's text
+    init: str = "normal"  # weight scheme of bench/init.py (N(0, 1) is Nielsen's text), or pkg.module:fn
     init_scale: float | None = None  # the scheme's scale (range, std or gain); null: its default
     init_bias: float | None = None  # bias scale where the scheme has one (meanfield: sigma_b)
     direct: bool = False  # direct input->output weights (the PDP XOR 2-1-1 net)
@@ -207,6 +208,11 @@ def validate(cfg: DictConfig) -> tuple[Task, NetSpec, TrainSpec]:
     _need(cfg.task.name in TASK_SCHEMAS, f"task.name={cfg.task.name}: valid choices: {', '.join(TASK_SCHEMAS)}")
     _check_keys(cfg)
     m, t = cfg.model, cfg.train
+    try:  # a built-in name, or a plug-in loaded and checked here, in every process that validates
+        resolve_activation(m.activation)
+        resolve_init(m.init)
+    except PluginError as e:
+        raise ConfigError(str(e)) from None
     if m.widths is None:
         _need(m.depth >= 1, f"model.depth={m.depth}: must be >= 1 (hidden layers)")
         _need(m.width >= 1, f"model.width={m.width}: must be >= 1 (units per hidden layer)")

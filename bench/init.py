@@ -15,17 +15,32 @@ Schemes (W: weights (fan_in, fan_out); b: biases; `scale` and `bias_scale` overr
   meanfield      W ~ N(0, sigma_w^2/fan_in), b ~ N(0, sigma_b^2), sigma_w = scale (1), sigma_b = bias_scale (0)
 Batch norm's gamma starts at 1 and beta at 0 in every scheme. In a block-diagonal first layer the
 fan_in of a unit is the size of the input block that feeds it, and weights outside the blocks are 0.
+
+The registry INITS {name: Init} holds every scheme a run can name: the built-ins above, and plug-ins
+(`model.init=pkg.module:fn`, bench.plugins) registered under their full string once loaded and checked.
+An Init's `draw(rng, shape, fan_in, fan_out, is_bias, scale, bias_scale)` returns one parameter of one
+member; its `variances(fan_in, fan_out, scale, bias_scale)` returns (sw2, sb2) for the mean-field theory,
+or is None where the scheme does not say (no prediction then).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
 from bench.spec import NetSpec
 
-SCHEMES = ("uniform", "normal", "nielsen", "xavier", "he", "torch_default", "orthogonal", "meanfield")
 UNIFORM_RANGE = 0.3  # uniform's default r: the 1986 paper's symmetry net
 NORMAL_STD = 1.0  # normal's default s: the N(0, 1) of Nielsen's text
+
+
+@dataclass(frozen=True)
+class Init:
+    name: str
+    draw: Callable  # draw(rng, shape, fan_in, fan_out, is_bias, scale, bias_scale) -> ndarray of `shape`
+    variances: Callable | None = None  # variances(fan_in, fan_out, scale, bias_scale) -> (sw2, sb2), or None
 
 
 def _orthogonal(rng: np.random.Generator, fan_in: int, fan_out: int) -> np.ndarray:
@@ -64,6 +79,28 @@ def _draw(rng, scheme, shape, fan_in, fan_out, is_bias, scale, bias_scale):
     raise ValueError(f"model.init={scheme!r}; valid choices: {', '.join(SCHEMES)}")
 
 
+def _builtin(name: str) -> Init:
+    return Init(name, lambda rng, shape, fan_in, fan_out, is_bias, scale, bias_scale:
+                _draw(rng, name, shape, fan_in, fan_out, is_bias, scale, bias_scale),
+                lambda fan_in, fan_out, scale, bias_scale: _variances(name, fan_in, fan_out, scale, bias_scale))
+
+
+INITS: dict[str, Init] = {name: _builtin(name) for name in (
+    "uniform", "normal", "nielsen", "xavier", "he", "torch_default", "orthogonal", "meanfield")}
+SCHEMES = tuple(INITS)  # the built-in schemes (plug-ins join INITS, not this tuple)
+
+
+def get(scheme) -> Init:
+    """The entry for `scheme` (a name, a str-valued Enum or an Init); ValueError naming the choices."""
+    if isinstance(scheme, Init):
+        return scheme
+    name = getattr(scheme, "value", scheme)
+    try:
+        return INITS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown init scheme {scheme!r}; valid choices: {', '.join(SCHEMES)}") from None
+
+
 def init_variances(scheme, fan_in: int, scale: float | None = None, bias_scale: float | None = None,
                    fan_out: int | None = None) -> tuple[float, float]:
     """(sw2, sb2) = (fan_in Var(W_ij), Var(b_i)) of a layer drawn by `_draw` with these arguments:
@@ -82,12 +119,17 @@ def init_variances(scheme, fan_in: int, scale: float | None = None, bias_scale: 
     bias_scale sets r_b (uniform) or s_b, defaulting to r and s; xavier, he and orthogonal have b = 0 or
     N(0, bias_scale^2); torch_default ignores bias_scale, as `_draw` does. fan_out defaults to fan_in.
     """
-    name = getattr(scheme, "value", scheme)
-    if name not in SCHEMES:
-        raise ValueError(f"unknown init scheme {scheme!r}; valid choices: {', '.join(SCHEMES)}")
+    entry = get(scheme)
+    if entry.variances is None:
+        raise ValueError(f"init {entry.name!r} has no variances(fan_in, fan_out, scale, bias_scale): "
+                         f"no mean-field prediction for it")
     if not fan_in >= 1:
         raise ValueError(f"fan_in must be >= 1, got {fan_in!r}")
-    fan_out = fan_in if fan_out is None else fan_out
+    return entry.variances(fan_in, fan_in if fan_out is None else fan_out, scale, bias_scale)
+
+
+def _variances(name: str, fan_in, fan_out, scale, bias_scale) -> tuple[float, float]:
+    """init_variances of a built-in scheme (its table)."""
     g2 = 1.0 if scale is None else scale**2
 
     def bias_var(default_std: float) -> float:
@@ -115,8 +157,10 @@ def init_variances(scheme, fan_in: int, scale: float | None = None, bias_scale: 
 def init_params(spec: NetSpec, scheme: str, seeds, scale: float | None = None,
                 bias_scale: float | None = None, dtype: str = "float64") -> dict[str, np.ndarray]:
     """Initial parameters {name: (E, *shape)} for members with the given seeds (E = len(seeds))."""
-    if scheme not in SCHEMES:
+    name = getattr(scheme, "value", scheme)
+    if name not in INITS:
         raise ValueError(f"model.init={scheme!r}; valid choices: {', '.join(SCHEMES)}")
+    draw = INITS[name].draw
     spec.check()
     mask = spec.first_layer_mask()
     members = []
@@ -133,7 +177,7 @@ def init_params(spec: NetSpec, scheme: str, seeds, scale: float | None = None,
                 if layer == 1 and mask is not None:  # each unit's fan_in is its own input block
                     fan_in = mask.sum(0, keepdims=True)
                 is_bias = kind == "bias"
-                value = _draw(rng, scheme, shape, fan_in, fan_out, is_bias, scale, bias_scale)
+                value = draw(rng, shape, fan_in, fan_out, is_bias, scale, bias_scale)
                 arrays[name] = value * mask if (layer == 1 and mask is not None and not is_bias) else value
         members.append(arrays)
     return {name: np.stack([m[name] for m in members]).astype(dtype) for name in members[0]}

@@ -24,7 +24,8 @@ are mapped to the Gaussian of the same variance, which is what the wide-layer li
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections import ChainMap
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 
 import numpy as np
@@ -39,7 +40,8 @@ GL_NODES = 32  # Gauss-Legendre nodes per panel in gauss_expect: ~1e-14 relative
 Z_MAX = 10.0  # integrate z over [-10, 10]: P(|z| > 10) = 1.5e-23, below float64 for bounded integrands
 # Every activation a network can use, and the linear network; each entry's phi, phi' and closed-form
 # constants come from bench.activations. At sw2 = 1 tanh/softsign iterates reach q* = 0 only like 1/l.
-COVERED: dict[str, Activation] = {**ACTIVATIONS, LINEAR.name: LINEAR}
+# A live view, not a copy: plug-ins registered later (bench.plugins) are covered too.
+COVERED: Mapping[str, Activation] = ChainMap({LINEAR.name: LINEAR}, ACTIVATIONS)
 
 
 def get_activation(activation) -> Activation:

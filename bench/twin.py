@@ -27,6 +27,7 @@ How two numbers are compared (one rule per kind of quantity, each with its reaso
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -145,6 +146,25 @@ def lockstep_cfg(cfg) -> pd.DataFrame:
     return lockstep(task, spec, tspec, params, seeds)
 
 
+def config_dir_as_searchpath(argv: list[str]) -> list[str]:
+    """bench.run's `--config-dir DIR` (`-cd DIR`, `--config-dir=DIR`): a user's config folder (their
+    own method presets, say) added to the config search path, as the override Hydra's compose
+    understands: hydra.searchpath=[file://DIR]."""
+    out, dirs, args = [], [], iter(argv)
+    for a in args:
+        if a in ("--config-dir", "-cd"):
+            dirs.append(next(args, ""))
+        elif a.startswith("--config-dir="):
+            dirs.append(a.split("=", 1)[1])
+        else:
+            out.append(a)
+    for d in dirs:
+        if not d or not Path(d).is_dir():
+            raise ValueError(f"--config-dir {d!r}: not a folder")
+    paths = ",".join(f"file://{Path(d).resolve()}" for d in dirs)
+    return out + ([f"hydra.searchpath=[{paths}]"] if dirs else [])
+
+
 def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -198,10 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__.strip().splitlines()[0])
-        print("usage: python -m bench.run-style overrides, e.g. python -m bench.twin task=digits model.depth=16")
+        print("usage: python -m bench.twin [--config-dir DIR] OVERRIDES (as bench.run's), e.g. "
+              "python -m bench.twin task=digits model.depth=16")
         return 0
     try:
-        table = lockstep_cfg(_compose(list(argv)))
+        table = lockstep_cfg(_compose(config_dir_as_searchpath(list(argv))))
     except Exception as e:  # bad input: the same one line as bench.run
         print(one_line(e), file=sys.stderr)
         return 2

@@ -23,6 +23,7 @@ LAYERS = [
     {"bench.init", "bench.record", "bench.checkpoint"},  # initial arrays; statistics; a run's saved state
     {"bench.theory", "bench.numpy_mlp", "bench.torch_mlp"},  # mean-field predictions; the two networks
     {"bench.train"},  # the loop shared by both networks
+    {"bench.plugins"},  # plug-in activations and inits: load, check against both networks, register
     {"bench.config"},  # the typed schema with every default, and its checks -> task and engine specs
     {"bench.cli", "bench.guard"},  # errors as one line, progress; memory and disk refusals
     {"bench.twin"},  # the lockstep check: composes a config and trains both networks
@@ -150,11 +151,14 @@ def test_activation_entry_serves_both_array_modules(name):
 def test_config_choices_are_the_registries():
     from bench import config
     from bench.activations import ACTIVATIONS
-    from bench.init import SCHEMES
+    from bench.init import INITS
     from bench.losses import LOSSES
     from bench.spec import NORMS
 
-    assert [e.value for e in config.ActivationName] == list(ACTIVATIONS)
-    assert [e.value for e in config.Init] == list(SCHEMES)
+    # activation and init are strings (a plug-in is pkg.module:Name), checked against the registries
+    for key, registry in (("activation", ACTIVATIONS), ("init", INITS)):
+        with pytest.raises(config.ConfigError) as err:
+            config.validate(compose_cfg([f"model.{key}=nope"]))
+        assert str(err.value).endswith(f"valid choices: {', '.join(registry)}, or a plug-in pkg.module:Name")
     assert [e.value for e in config.Norm] == list(NORMS)
     assert [e.value for e in config.LossName] == ["auto", *LOSSES]
