@@ -154,13 +154,14 @@ def final_metric(runs: pd.DataFrame) -> pd.Series:
 
 def depth_grid(runs: pd.DataFrame) -> pd.DataFrame:
     """method, task, depth, final (median final test metric over seeds), reached (seeds at the target within
-    the budget), seeds, trainable (at least half reached it: the Kaplan-Meier median is finite)."""
+    the budget), seeds, trainable (at least half reached it: the Kaplan-Meier median is finite), diverged."""
     r = runs.assign(final=final_metric(runs).to_numpy())
     rows = []
     for (method, task, depth), g in r.groupby(["method", "task", "depth"]):
         km = km_summary(g["to_target"], g["steps"])
         rows.append({"method": method, "task": task, "depth": int(depth), "final": float(g["final"].median()),
-                     "reached": km["solved"], "seeds": km["seeds"], "trainable": not math.isnan(km["median"])})
+                     "reached": km["solved"], "seeds": km["seeds"], "trainable": not math.isnan(km["median"]),
+                     "diverged": int((g["status"] == "diverged").sum())})
     return pd.DataFrame(rows)
 
 
@@ -200,7 +201,7 @@ def scorecard_table(runs: pd.DataFrame, steps: pd.DataFrame, layers: pd.DataFram
 
 def scorecard_figure(runs: pd.DataFrame, steps: pd.DataFrame) -> plt.Figure:
     """Methods x depth heat maps of the median final test metric, a panel per task, each cell annotated;
-    the trainable depth's cell is outlined (black box), a method with none has a '-' at its row's end."""
+    the trainable depth's cell is outlined (black box) and named beside the method ('none': no depth)."""
     r = scored_runs(runs)
     _require(r, "the scorecard figure")
     r = r.assign(to_target=first_step_at_target(r, steps).to_numpy())
@@ -215,22 +216,24 @@ def scorecard_figure(runs: pd.DataFrame, steps: pd.DataFrame) -> plt.Figure:
         depths = sorted(g["depth"].unique())
         values = g.pivot(index="method", columns="depth", values="final").reindex(index=methods, columns=depths)
         shown = values.clip(upper=1.5) if direction == "min" else values  # diverged (inf) drawn as the worst colour
-        labels = values.map(lambda v: "" if pd.isna(v) else ("div" if math.isinf(v) else f"{v:.2f}"))
+        half_diverged = g.pivot(index="method", columns="depth", values="diverged").reindex(
+            index=methods, columns=depths) * 2 >= g.pivot(index="method", columns="depth", values="seeds").reindex(
+            index=methods, columns=depths)
+        labels = values.map(lambda v: "" if pd.isna(v) else f"{v:.2f}").mask(half_diverged, "div")
         sns.heatmap(shown, ax=ax, annot=labels.to_numpy(), fmt="", annot_kws={"fontsize": 5.5},
                     cmap="viridis" if direction == "max" else "viridis_r",
                     vmin=0.0, vmax=1.0 if direction == "max" else 1.5, linewidths=0.4, linecolor="w",
                     cbar_kws={"label": f"final {column.replace('_', ' ')} (median)", "shrink": 0.8})
+        names = []
         for i, m in enumerate(methods):
             ok = g[(g["method"] == m) & g["trainable"]]["depth"]
             if len(ok):
                 ax.add_patch(plt.Rectangle((depths.index(int(ok.max())), i), 1, 1, fill=False, ec="k", lw=1.4))
-            elif m in set(g["method"]):
-                ax.text(len(depths) + 0.05, i + 0.5, "-", va="center", fontsize=7)
+            names.append(f"{m} ({int(ok.max()) if len(ok) else 'none'})" if m in set(g["method"]) else m)
         sign = ">=" if direction == "max" else "<="
         ax.set(title=f"{task}: target {column.replace('_', ' ')} {sign} {target:g}", xlabel="hidden layers",
-               ylabel="" if ax is not axes[0][0] else "method")
-        if ax is not axes[0][0]:
-            ax.set_yticklabels([])
+               ylabel="method (trainable depth)" if ax is axes[0][0] else "")
+        ax.set_yticks(np.arange(len(methods)) + 0.5, names, rotation=0)
         ax.tick_params(labelsize=6.5)
     fig.tight_layout()
     return fig
@@ -244,10 +247,11 @@ def caption(table: pd.DataFrame, runs: pd.DataFrame) -> str:
              for t in table["task"].unique()]
     return (f"Scorecard: the median over seeds ({int(table['seeds'].min())} per point) of the final test metric "
             f"after {int(table['budget'].max()):,} steps, methods x depth ({depths} hidden layers of "
-            f"{int(r['width'].max())}); a diverged seed counts as accuracy 0 / loss inf ('div': the median "
-            "diverged). Black box: the trainable depth, the deepest at which at least half the seeds reach the "
-            "target (digits: test accuracy >= 0.9; teacher: test loss <= 0.5) at a logged step within the budget; "
-            "'-': no depth does. Trainable depth per method: " + "; ".join(parts) + ".")
+            f"{int(r['width'].max())}); a diverged seed counts as accuracy 0 / loss inf ('div': at least half "
+            "the seeds diverged). Black box: the trainable depth, the deepest at which at least half the seeds reach the "
+            "target (digits: test accuracy >= 0.9; teacher: test loss <= 0.5) at a logged step within the budget, "
+            "also in brackets after each method's name ('none': no depth does). Trainable depth per method: "
+            + "; ".join(parts) + ".")
 
 
 def plan_items(exps) -> tuple[list[tuple], list[tuple[str, str]], dict]:

@@ -169,7 +169,7 @@ def test_each_method_composes_and_validates(method, tmp_path):
     if "adam" in method:  # the method's own step wins over the experiment's SGD lr and momentum
         assert cfg.train.lr == 0.001 and cfg.train.momentum == 0.0
     else:
-        assert cfg.train.lr == 0.05 and cfg.train.momentum == 0.9
+        assert cfg.train.lr == 0.02 and cfg.train.momentum == 0.9
 
 
 def test_no_method_leaves_method_name_null():
