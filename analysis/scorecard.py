@@ -214,12 +214,12 @@ def scorecard_figure(runs: pd.DataFrame, steps: pd.DataFrame) -> plt.Figure:
         column, direction, target = TARGETS[task]
         g = grid[grid["task"] == task]
         depths = sorted(g["depth"].unique())
-        values = g.pivot(index="method", columns="depth", values="final").reindex(index=methods, columns=depths)
+        def cells(col, g=g, depths=depths):
+            return g.pivot(index="method", columns="depth", values=col).reindex(index=methods, columns=depths)
+        values = cells("final")
         shown = values.clip(upper=1.5) if direction == "min" else values  # diverged (inf) drawn as the worst colour
-        half_diverged = g.pivot(index="method", columns="depth", values="diverged").reindex(
-            index=methods, columns=depths) * 2 >= g.pivot(index="method", columns="depth", values="seeds").reindex(
-            index=methods, columns=depths)
-        labels = values.map(lambda v: "" if pd.isna(v) else f"{v:.2f}").mask(half_diverged, "div")
+        labels = values.map(lambda v: "" if pd.isna(v) else f"{v:.2f}").mask(cells("diverged") * 2 >= cells("seeds"),
+                                                                           "div")
         sns.heatmap(shown, ax=ax, annot=labels.to_numpy(), fmt="", annot_kws={"fontsize": 5.5},
                     cmap="viridis" if direction == "max" else "viridis_r",
                     vmin=0.0, vmax=1.0 if direction == "max" else 1.5, linewidths=0.4, linecolor="w",
