@@ -113,7 +113,8 @@ def predicted_attenuation(row) -> float:
     from bench.tasks import make_task
 
     depth = int(row["depth"])
-    if bool(row["residual"]) or depth < 2:
+    plug_in = ":" in str(row["activation"]) or ":" in str(row["init"])  # pkg.module:Name: not the theory's
+    if bool(row["residual"]) or depth < 2 or plug_in:
         return math.nan
     try:
         if row["norm"] == "batchnorm":
@@ -124,7 +125,7 @@ def predicted_attenuation(row) -> float:
         x = make_task(task.pop("name"), **task).x_train
         profile = theory_profile(row["activation"], row["init"], int(row["width"]), depth, x.shape[1],
                                  float(np.mean(x * x)), row["init_scale"], row["init_bias"])
-    except (ValueError, KeyError, TypeError):  # not covered by the theory (it says so by raising these)
+    except (ValueError, KeyError, TypeError, ImportError):  # not covered by the theory (it raises these)
         return math.nan
     return float(profile[0] ** (1.0 / (depth - 1)))  # profile is 1 at l = depth: profile[0] = prod of ratios
 

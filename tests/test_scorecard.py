@@ -136,7 +136,8 @@ def test_predicted_attenuation_where_theory_applies():
     # relu with He's sigma_w^2 = 2, zero biases: chi_1 = 1 at every q, a ratio of exactly 1
     assert SC.predicted_attenuation(row) == pytest.approx(1.0, rel=1e-12)
     assert SC.predicted_attenuation({**row, "norm": "batchnorm"}) == theory.bn_delta_ratio("relu")
-    for no_theory in ({"residual": True}, {"norm": "layernorm"}, {"activation": "pkg.mod:Swish"}):
+    for no_theory in ({"residual": True}, {"norm": "layernorm"}, {"activation": "pkg.mod:Swish"},
+                      {"init": "pkg.mod:my_init"}):
         assert math.isnan(SC.predicted_attenuation({**row, **no_theory}))
     sig = SC.predicted_attenuation({**row, "activation": "sigmoid", "init": "xavier"})
     assert 0.1 < sig < 0.5  # sigmoid's slope is at most 1/4: it vanishes even at a variance-keeping init
