@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 
 from analysis import extensions as X
-from analysis import scorecard as SC
 from analysis import figures as F
+from analysis import scorecard as SC
 from analysis import tables as T
 
 log = logging.getLogger("analysis.report")

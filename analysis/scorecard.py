@@ -249,9 +249,9 @@ def caption(table: pd.DataFrame, runs: pd.DataFrame) -> str:
     return (f"Scorecard: the median over seeds ({int(table['seeds'].min())} per point) of the final test metric "
             f"after {int(table['budget'].max()):,} steps, methods x depth ({depths} hidden layers of "
             f"{int(r['width'].max())}); a diverged seed counts as accuracy 0 / loss inf ('div': at least half "
-            "the seeds diverged). Black box: the trainable depth, the deepest at which at least half the seeds reach the "
-            "target (digits: test accuracy >= 0.9; teacher: test loss <= 0.5) at a logged step within the budget, "
-            "also in brackets after each method's name ('none': no depth does). Trainable depth per method: "
+            "the seeds diverged). Black box: the trainable depth, the deepest at which at least half the seeds "
+            "reach the target (digits: test accuracy >= 0.9; teacher: test loss <= 0.5) at a logged step within the "
+            "budget, also in brackets after each method's name ('none': no depth does). Trainable depth per method: "
             + "; ".join(parts) + ".")
 
 

@@ -75,8 +75,8 @@ RUNS_SCHEMA = _schema("runs", [
     ("wall_time_s", _F), ("config_json", _S), ("created_at", pa.timestamp("us", tz="UTC")),
     ("schema_version", _I), ("git_commit", _S),
     ("params_json", _S),  # final parameters {name: nested lists} of small nets (Hinton diagrams), else null
-], nullable={"method", "init_scale", "init_bias", "params_json", "batch_size", "diverged_step", "error", "final_accuracy",
-             "final_test_loss", "final_test_accuracy", "solved_step", "git_commit"})
+], nullable={"method", "init_scale", "init_bias", "params_json", "batch_size", "diverged_step", "error",
+             "final_accuracy", "final_test_loss", "final_test_accuracy", "solved_step", "git_commit"})
 
 STEPS_SCHEMA = _schema("steps", [
     ("run_id", _S), ("job_id", _S), ("step", _I),
