@@ -25,6 +25,7 @@ import pandas as pd
 
 from analysis import extensions as X
 from analysis import figures as F
+from analysis import scorecard as SC
 from analysis import tables as T
 
 log = logging.getLogger("analysis.report")
@@ -245,7 +246,8 @@ def plan(exps: list[Experiment]) -> tuple[list[Figure], list[tuple[str, str]], d
     # depth studies: profiles at init, first/last ratio, training dynamics, trainability
     for exp in exps:
         nets = _nets(exp)
-        if nets.empty or exp.kind == "meanfield" or (nets["init"] == "meanfield").all() or exp.kind in X.KINDS:
+        if (nets.empty or exp.kind == "meanfield" or (nets["init"] == "meanfield").all() or exp.kind in X.KINDS
+                or exp.kind in SC.KINDS):
             continue
         inputs = _task_inputs(nets["task"].unique())
         is_nielsen = exp.kind == "nielsen_ch5" or (nets["init"] == "nielsen").all()
@@ -400,6 +402,12 @@ def plan(exps: list[Experiment]) -> tuple[list[Figure], list[tuple[str, str]], d
     skipped += x_skipped
     tables.update(x_tables)
     # ---- end issue 12
+    # ---- issue 11 (analysis.scorecard): the method presets on the fixed suite; scorecard experiments are
+    # left out of the generic depth blocks above
+    s_figs, s_skipped, s_tables = SC.plan_items(exps)
+    figs += [Figure(name, draw, caption, key) for name, draw, caption, key in s_figs]
+    skipped += s_skipped
+    tables.update(s_tables)
     seen, unique = set(), []
     for f in figs:
         if f.name not in seen:
@@ -516,7 +524,8 @@ def _markdown(path, exps, drawn, skipped, tables, cmd) -> str:
               "nielsen_ch5": "Nielsen, chapter 5: speed of learning per hidden layer at initialisation",
               "meanfield": "Mean field: per-layer ratio of delta norms, predicted vs measured",
               "twin_lockstep": "Twin check in lockstep: NumPy vs PyTorch on the same parameters (correctness)",
-              "twin_free_running": "Free-running twins: how far two trajectories drift apart (chaos, not error)"}
+              "twin_free_running": "Free-running twins: how far two trajectories drift apart (chaos, not error)",
+              "scorecard": "Scorecard: the method presets on the fixed suite (issue 11)"}
     if tables:
         lines += ["## Tables", ""]
         for name, (df, note) in tables.items():

@@ -113,6 +113,10 @@ class CheckpointConfig:
 @dataclass
 class Config:
     task: Any = MISSING  # one of TASK_SCHEMAS, chosen by the task group
+    # the method preset's name (conf/method/<name>.yaml sets it with the model/train keys it stands for);
+    # a label, stored as the runs table's `method` column and part of the run id, so two presets with
+    # the same values keep their own runs. null: no preset, the keys were set one by one
+    method_name: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)

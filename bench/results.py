@@ -60,8 +60,9 @@ def _schema(table: str, fields: list[tuple], nullable: set[str]) -> pa.Schema:
 
 
 RUNS_SCHEMA = _schema("runs", [
-    ("run_id", _S), ("job_id", _S), ("name", _S), ("experiment", _S), ("backend", _S),
-    ("task", _S), ("activation", _S), ("depth", _I), ("width", _I),
+    ("run_id", _S), ("job_id", _S), ("name", _S), ("experiment", _S),
+    ("method", _S),  # the method preset (config key method_name; conf/method/), null without one
+    ("backend", _S), ("task", _S), ("activation", _S), ("depth", _I), ("width", _I),
     ("widths", _S),  # JSON list of hidden widths, input side first
     ("residual", _B), ("norm", _S), ("init", _S), ("init_scale", _F), ("init_bias", _F), ("lr", _F),
     ("momentum", _F), ("weight_decay", _F), ("batch_size", _I),  # null = full batch
@@ -74,8 +75,8 @@ RUNS_SCHEMA = _schema("runs", [
     ("wall_time_s", _F), ("config_json", _S), ("created_at", pa.timestamp("us", tz="UTC")),
     ("schema_version", _I), ("git_commit", _S),
     ("params_json", _S),  # final parameters {name: nested lists} of small nets (Hinton diagrams), else null
-], nullable={"init_scale", "init_bias", "params_json", "batch_size", "diverged_step", "error", "final_accuracy",
-             "final_test_loss", "final_test_accuracy", "solved_step", "git_commit"})
+], nullable={"method", "init_scale", "init_bias", "params_json", "batch_size", "diverged_step", "error",
+             "final_accuracy", "final_test_loss", "final_test_accuracy", "solved_step", "git_commit"})
 
 STEPS_SCHEMA = _schema("steps", [
     ("run_id", _S), ("job_id", _S), ("step", _I),
@@ -100,7 +101,7 @@ SORT_KEYS = {"runs": ["run_id"], "steps": ["run_id", "step"],
              "layers": ["run_id", "step", "layer", "param"]}
 # runs columns that describe a run's configuration: what load(config_columns=True) joins on
 CONFIG_COLUMNS = (
-    "name", "experiment", "backend", "task", "activation", "depth", "width", "widths", "residual",
+    "name", "experiment", "method", "backend", "task", "activation", "depth", "width", "widths", "residual",
     "norm", "init", "init_scale", "init_bias", "lr", "momentum", "weight_decay", "batch_size", "loss", "steps",
     "log_every", "seed", "member", "ensemble", "dtype", "device",
 )

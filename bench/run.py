@@ -182,7 +182,8 @@ def _tables(cfg, net, tspec, members, ids, todo, out, error, wall):
         return [None] * E if out is None else [int(s) if s >= 0 else None for s in a]
 
     shared = {  # the same for every member of the job
-        "name": cfg.name, "experiment": _hydra_choice("experiment"), "backend": _enum(cfg.backend),
+        "name": cfg.name, "experiment": _hydra_choice("experiment"), "method": cfg.method_name,
+        "backend": _enum(cfg.backend),
         "task": cfg.task.name, "activation": net.activation, "depth": net.depth, "width": net.widths[0],
         "widths": json.dumps(list(net.widths)), "residual": net.residual, "norm": net.norm,
         "init": _enum(m.init), "init_scale": m.init_scale, "init_bias": m.init_bias, "lr": t.lr,

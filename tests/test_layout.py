@@ -30,7 +30,7 @@ LAYERS = [
     {"analysis.paper"},  # the sources' numbers, shared orders and labels
     {"analysis.tables"},  # results -> tables
     {"analysis.figures"},  # results -> figures (some read tables' summaries)
-    {"analysis.family_trees", "analysis.extensions"},  # the 1986 family trees; the later papers
+    {"analysis.family_trees", "analysis.extensions", "analysis.scorecard"},  # family trees; later papers; scorecard
     {"analysis.report"},  # figures + tables -> report.md (runs the lockstep check on stored runs)
     {"bench.sweep"},  # the Hydra callback: refusals before a job, sweep summaries, the report
     {"bench.run", "bench.perf"},  # run(cfg) and @hydra.main; the speed suite
