@@ -44,8 +44,8 @@ class Activation:
     # x > 0, a_- for x < 0) has E[phi(sqrt(q) z)^2] = c q and E[phi'(sqrt(q) z)^2] = c with
     # c = (a_+^2 + a_-^2) / 2: no quadrature, an affine length map, closed forms for q* and critical sw2.
     homogeneous_c: float | None = None
-    # phi(0) = 0, phi'(0) = 1, |phi(x)| <= |x| (tanh, softsign): with sb2 = 0 the length map lies below
-    # q -> sw2 q, so q* = 0 for sw2 <= 1.
+    # phi(0) = 0, phi'(0) = 1, |phi(x)| <= |x| (tanh, softsign, and elu, which is not odd but has all three
+    # properties, the only ones used): with sb2 = 0 the length map lies below q -> sw2 q, so q* = 0 for sw2 <= 1.
     odd_unit_slope: bool = False
 
 
@@ -114,7 +114,7 @@ ACTIVATIONS: dict[str, Activation] = {a.name: a for a in (
                lambda z, h, xp: _normal_cdf(z, xp) + z * xp.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi)),
                GELU_MAX_SLOPE),
     Activation("silu", lambda z, xp: z * _sigmoid(z, xp), _dsilu, SILU_MAX_SLOPE),
-    Activation("elu", *_elu(1.0, ELU_ALPHA), 1.0),
+    Activation("elu", *_elu(1.0, ELU_ALPHA), 1.0, odd_unit_slope=True),
 )}
 
 # Output non-linearities. Sigmoid outputs are the sigmoid above (with a saturation statistic); softmax
