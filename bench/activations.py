@@ -86,9 +86,17 @@ def _elu(scale: float, alpha: float) -> tuple[Callable, Callable]:
     return phi, dphi
 
 
+def _sigmoid_tail(z, xp):
+    """sigmoid(z) to full relative precision in the negative tail as well: e^z / (1 + e^z) there, with
+    e = e^-|z| never overflowing. silu multiplies it by z, so `_sigmoid`'s 1 + tanh(z/2), whose absolute
+    error ~1e-16 is a relative 1e-3 at z = -30, would show; sigmoid's own runs keep `_sigmoid`."""
+    e = xp.exp(-abs(z))
+    return xp.where(z >= 0, xp.ones_like(e), e) / (1.0 + e)
+
+
 def _dsilu(z, h, xp):
     """silu (swish) phi = z s, s = sigmoid(z): phi' = s + z s (1 - s) = s + h (1 - s)."""
-    s = _sigmoid(z, xp)
+    s = _sigmoid_tail(z, xp)
     return s + h * (1.0 - s)
 
 
@@ -113,7 +121,7 @@ ACTIVATIONS: dict[str, Activation] = {a.name: a for a in (
     Activation("gelu", lambda z, xp: z * _normal_cdf(z, xp),
                lambda z, h, xp: _normal_cdf(z, xp) + z * xp.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi)),
                GELU_MAX_SLOPE),
-    Activation("silu", lambda z, xp: z * _sigmoid(z, xp), _dsilu, SILU_MAX_SLOPE),
+    Activation("silu", lambda z, xp: z * _sigmoid_tail(z, xp), _dsilu, SILU_MAX_SLOPE),
     Activation("elu", *_elu(1.0, ELU_ALPHA), 1.0, odd_unit_slope=True),
 )}
 

@@ -217,7 +217,9 @@ def critical_sw2(activation, sb2: float, sw2_max: float = 1e4) -> float:
     """The sw2 with chi1(q*) = 1 at this sb2 (edge of chaos), e.g. tanh at sb2 = 0.05: ~1.76.
 
     Exact for relu/leaky_relu/linear (1 / c, q-independent) and for tanh/softsign at sb2 = 0 (1: the
-    transition happens at q* = 0, where chi1 = sw2 phi'(0)^2). Otherwise brentq on chi1(q*(sw2)) - 1.
+    transition happens at q* = 0, where chi1 = sw2 phi'(0)^2). Otherwise brentq on chi1(q*(sw2)) - 1,
+    with q* = inf counted as chaotic. gelu, silu and elu with bias: near sw2 = 2 (their relu-like tails'
+    critical point) the length map creeps, and fixed_point_q may raise RuntimeError on the way.
     """
     act = get_activation(activation)
     _check_nonneg(sb2=sb2)
@@ -227,7 +229,9 @@ def critical_sw2(activation, sb2: float, sw2_max: float = 1e4) -> float:
         return 1.0
 
     def excess(sw2: float) -> float:
-        return chi1(act, sw2, sb2) - 1.0
+        q = fixed_point_q(act, sw2, sb2)
+        # q* = inf (a linear tail, sw2 large): the signal grows without bound, the chaotic side
+        return 1.0 if q == math.inf else chi1(act, sw2, sb2, q) - 1.0
 
     lo, hi = 0.5, 2.0  # phi'^2 <= 1 for the bounded activations, so chi1(0.5) <= 0.5: excess(lo) < 0
     while excess(lo) >= 0.0:  # steeper ones (selu: phi' up to 1.76) can be chaotic at 0.5 already
