@@ -167,10 +167,19 @@ def test_twins_agree_every_step(activation, residual, norm, loss_out):
     task = _random_task(n=12, output=output, loss=loss, seed=5)
     scale = residual if isinstance(residual, str) else "one"
     spec = NetSpec(3, 3, (5, 5, 5), activation, output, bool(residual), norm, residual_scale=scale)
+    # Layer norm over 5 units at lr 0.05 (momentum 0.9, weight decay shrinking its scale-free weights)
+    # trains at the edge of stability: a member's loss jumps about from step ~30 and rounding differences
+    # grow ~10x per 5 steps, so free-running twins part although both are right (bench/twin.py's
+    # docstring). At lr 0.02 the same nets train smoothly; the lockstep check covers it at any lr.
+    lr = 0.02 if norm == "layernorm" else 0.05
     # mini-batches of 6 from 12 cases: both twins must also draw the same batches
-    tspec = TrainSpec(steps=50, lr=0.05, momentum=0.9, weight_decay=1e-3, batch_size=6, loss=loss, log_every=1)
+    tspec = TrainSpec(steps=50, lr=lr, momentum=0.9, weight_decay=1e-3, batch_size=6, loss=loss, log_every=1)
     out_np, out_t = _run_both(task, spec, tspec, [7, 8])
-    assert out_np.status == out_t.status == ["ok", "ok"]
+    # a member may diverge (selu residual blocks at N(0, 0.64) weights grow without bound); then both
+    # twins must stop it at the same step, and its rows before that step are compared below
+    assert out_np.status == out_t.status and "failed" not in out_np.status
+    assert np.array_equal(out_np.diverged_step, out_t.diverged_step)
+    assert "ok" in out_np.status, "at least one member trains all 50 steps"
     steps = np.unique(out_np.steps["step"])
     assert len(steps) == 51
     for s in steps:  # assert at every step, not only the last
