@@ -42,13 +42,14 @@ class Layer:
         self.hidden, self.first = i < spec.depth, i == 0
         self.act = ACTIVATIONS[spec.activation] if self.hidden else OUTPUTS[spec.output]
         self.norm = NORMS[spec.norm if self.hidden else "none"]
+        self.normed = self.norm.replaces_bias  # a plain attribute: the hot loop reads it twice per step
         self.residual = spec.is_residual(i)
         self.direct = not self.hidden and spec.direct
         self.W, self.dW = params[P + "weight"], grads[P + "weight"]
         self.WT = self.W.transpose(0, 2, 1)  # a view: stays valid as W is updated in place
         mask = spec.first_layer_mask() if self.first else None
         self.mask = None if mask is None else mask.astype(self.W.dtype)
-        if self.norm.replaces_bias:  # a norm's mean subtraction cancels a bias: gamma and beta instead
+        if self.normed:  # a norm's mean subtraction cancels a bias: gamma and beta instead
             self.gamma, self.beta = params[P + "gamma"], params[P + "beta"]
             self.dgamma, self.dbeta = grads[P + "gamma"], grads[P + "beta"]
         else:
@@ -67,7 +68,7 @@ class Layer:
         z = np.matmul(a, self.W)  # (E, B, fan_out)
         if self.direct:
             z += np.matmul(x, self.D)
-        if self.norm.replaces_bias:
+        if self.normed:
             n = self._norm_forward(z, train)
         else:
             z += self.b
@@ -107,7 +108,7 @@ class Layer:
             dn = dh * self.act.dphi(self.n, self.h, np)  # dn^l = dh^l * phi'(n^l)
         else:
             dn = delta_out  # dn^L = delta_out
-        if self.norm.replaces_bias:
+        if self.normed:
             xhat, ax = self.xhat, self.norm.axis
             N = dn.shape[ax]  # the count the statistics ran over: the batch B (batch norm) or the units (layer)
             np.sum(dn * xhat, axis=1, keepdims=True, out=self.dgamma)  # dgamma = sum_B dn * xhat

@@ -189,10 +189,17 @@ def test_twins_agree_every_step(activation, residual, norm, loss_out):
         assert _close(out_np.steps["loss"][a], out_t.steps["loss"][b], 1e-9), f"loss at step {s}"
         la, lb = (o.layers["step"] == s for o in (out_np, out_t))
         assert np.array_equal(out_np.layers["param"][la], out_t.layers["param"][lb])
+        # rezero's dalpha = sum_B,N grad * h cancels (0.005 from terms of ~0.5 in a layer-norm net), so its
+        # rounding is relative to its terms: the drift of free-running twins (~1e-11 by step 40 there)
+        # times that ratio is ~1e-9; 1e-7 for alpha's gradient statistics, 1e-9 for all else
+        alpha = out_np.layers["param"][la] == "alpha"
         for col in STATS:
+            a_np, a_t = out_np.layers[col][la], out_t.layers[col][lb]
+            loose = alpha if col in ("grad_norm", "grad_mean_abs") else np.zeros_like(alpha)
             # statistics that can be exactly 0 (relu's mean activation, a saturation fraction)
             # get an absolute floor of 1e-14, a few ulps of the O(1) quantities they are made of
-            assert _close(out_np.layers[col][la], out_t.layers[col][lb], 1e-9, 1e-14), f"{col} at step {s}"
+            assert _close(a_np[~loose], a_t[~loose], 1e-9, 1e-14), f"{col} at step {s}"
+            assert _close(a_np[loose], a_t[loose], 1e-7, 1e-14), f"alpha's {col} at step {s}"
 
 
 @pytest.mark.parametrize("loss", ["sse_half", "sse_half_deadzone"])
