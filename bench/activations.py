@@ -16,10 +16,21 @@ then checks its backward against finite differences and torch, tests/test_theory
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 LEAKY_SLOPE = 0.01  # leaky_relu: phi(z) = z for z > 0, 0.01 z otherwise (torch's default slope)
+# selu (Klambauer et al. 2017): torch.selu's lambda and alpha, chosen so that z ~ N(0, 1) gives
+# E[selu(z)] = 0 and E[selu(z)^2] = 1 (the self-normalising fixed point)
+SELU_LAMBDA, SELU_ALPHA = 1.0507009873554805, 1.6732632423543772
+ELU_ALPHA = 1.0  # elu: alpha (e^z - 1) for z <= 0 (torch's default)
+# the largest slopes of gelu and silu, where phi'' = 0: gelu at z = sqrt(2), Phi(sqrt 2) + sqrt(2) N(sqrt 2);
+# silu at z = 2.3993572805..., the root of 2 + z (1 - 2 sigmoid(z)) (brentq to 1e-15)
+GELU_MAX_SLOPE = 0.5 * (1.0 + math.erf(1.0)) + math.exp(-1.0) / math.sqrt(math.pi)
+SILU_MAX_SLOPE = 1.0998393201288668
 SATURATED = 0.05  # a unit is saturated (or dead) where phi'(z) < 5% of the largest phi' can be
 
 
@@ -33,13 +44,60 @@ class Activation:
     # x > 0, a_- for x < 0) has E[phi(sqrt(q) z)^2] = c q and E[phi'(sqrt(q) z)^2] = c with
     # c = (a_+^2 + a_-^2) / 2: no quadrature, an affine length map, closed forms for q* and critical sw2.
     homogeneous_c: float | None = None
-    # phi(0) = 0, phi'(0) = 1, |phi(x)| <= |x| (tanh, softsign): with sb2 = 0 the length map lies below
-    # q -> sw2 q, so q* = 0 for sw2 <= 1.
+    # phi(0) = 0, phi'(0) = 1, |phi(x)| <= |x| (tanh, softsign, and elu, which is not odd but has all three
+    # properties, the only ones used): with sb2 = 0 the length map lies below q -> sw2 q, so q* = 0 for sw2 <= 1.
     odd_unit_slope: bool = False
 
 
 def _relu(z, xp):
     return z * (z > 0)  # not maximum(z, 0): autograd then gives phi'(0) = 0 as torch.relu, NaN stays NaN
+
+
+def _sigmoid(z, xp):
+    return 0.5 * (1.0 + xp.tanh(0.5 * z))  # 1/(1+e^-z) written through tanh: no overflow warning for large -z
+
+
+def _erf(x, xp):
+    """erf in either array module: torch.erf for tensors; NumPy has none, so scipy.special.erf."""
+    if xp is np:
+        from scipy.special import erf  # on first use: a refused config does not pay for importing scipy
+
+        return erf(x)
+    return xp.erf(x)
+
+
+def _normal_cdf(z, xp):  # Phi(z)
+    return 0.5 * (1.0 + _erf(z * (1.0 / math.sqrt(2.0)), xp))
+
+
+def _exp_negative(z, xp):
+    """e^z where z <= 0, else 1: elu's exponential branch, never overflowing for large z. Autograd's
+    slope at z = 0 is then the z <= 0 side's, alpha e^0, as torch.elu and torch.selu take it."""
+    return xp.exp(xp.where(z > 0, 0.0 * z, z))
+
+
+def _elu(scale: float, alpha: float) -> tuple[Callable, Callable]:
+    """phi = scale * (z if z > 0 else alpha (e^z - 1)) and phi' = scale * (1 if z > 0 else alpha e^z)."""
+    def phi(z, xp):
+        return scale * xp.where(z > 0, z, alpha * (_exp_negative(z, xp) - 1.0))
+
+    def dphi(z, h, xp):
+        return scale * xp.where(z > 0, xp.ones_like(z), alpha * _exp_negative(z, xp))
+    return phi, dphi
+
+
+def _sigmoid_tail(z, xp):
+    """sigmoid(z) to full relative precision in the negative tail as well: e^z / (1 + e^z) there, with
+    e = e^-|z| never overflowing. silu multiplies it by z, so `_sigmoid`'s 1 + tanh(z/2), whose absolute
+    error ~1e-16 is a relative 1e-3 at z = -30, would show; sigmoid's own runs keep `_sigmoid`."""
+    e = xp.exp(-abs(z))
+    return xp.where(z >= 0, xp.ones_like(e), e) / (1.0 + e)
+
+
+def _dsilu(z, h, xp):
+    """silu (swish) phi = z s, s = sigmoid(z): phi' = s + z s (1 - s) = s + h (1 - s)."""
+    s = _sigmoid_tail(z, xp)
+    return s + h * (1.0 - s)
 
 
 def _softmax(z, xp):
@@ -48,8 +106,7 @@ def _softmax(z, xp):
 
 
 ACTIVATIONS: dict[str, Activation] = {a.name: a for a in (
-    # 1/(1+e^-z) written through tanh: no overflow warning for large -z
-    Activation("sigmoid", lambda z, xp: 0.5 * (1.0 + xp.tanh(0.5 * z)), lambda z, h, xp: h * (1.0 - h), 0.25),
+    Activation("sigmoid", _sigmoid, lambda z, h, xp: h * (1.0 - h), 0.25),
     Activation("tanh", lambda z, xp: xp.tanh(z), lambda z, h, xp: 1.0 - h * h, 1.0, odd_unit_slope=True),
     # phi'(0) := 0 for relu and := LEAKY_SLOPE for leaky_relu, as torch; a set of measure zero
     Activation("relu", _relu, lambda z, h, xp: xp.where(z > 0, xp.ones_like(z), 0.0), 1.0, homogeneous_c=0.5),
@@ -58,6 +115,14 @@ ACTIVATIONS: dict[str, Activation] = {a.name: a for a in (
     Activation("leaky_relu", lambda z, xp: xp.where(z > 0, z, LEAKY_SLOPE * z),
                lambda z, h, xp: xp.where(z > 0, xp.ones_like(z), LEAKY_SLOPE), 1.0,
                homogeneous_c=(1.0 + LEAKY_SLOPE**2) / 2.0),
+    # the largest slope of selu is lambda alpha ~ 1.758, just left of 0 (lambda ~ 1.051 right of it)
+    Activation("selu", *_elu(SELU_LAMBDA, SELU_ALPHA), SELU_LAMBDA * SELU_ALPHA),
+    # gelu: z Phi(z), torch's exact (erf) form; phi' = Phi(z) + z N(z), N the standard normal density
+    Activation("gelu", lambda z, xp: z * _normal_cdf(z, xp),
+               lambda z, h, xp: _normal_cdf(z, xp) + z * xp.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi)),
+               GELU_MAX_SLOPE),
+    Activation("silu", lambda z, xp: z * _sigmoid_tail(z, xp), _dsilu, SILU_MAX_SLOPE),
+    Activation("elu", *_elu(1.0, ELU_ALPHA), 1.0, odd_unit_slope=True),
 )}
 
 # Output non-linearities. Sigmoid outputs are the sigmoid above (with a saturation statistic); softmax

@@ -26,7 +26,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from bench.losses import LOSSES
 from bench.plugins import PluginError, resolve_activation, resolve_init
-from bench.spec import NORMS, NetSpec, TrainSpec
+from bench.spec import NORMS, RESIDUAL_SCALES, NetSpec, TrainSpec
 from bench.tasks import MAKERS, Task, make_task
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the repository's conf/ (install with pip -e)
@@ -44,6 +44,7 @@ class NotADirectoryConfigError(ConfigError):
 # Enums, not Literal: Hydra 1.3's OmegaConf checks Enum choices and names them in its error
 Backend = Enum("Backend", {"numpy": "numpy", "torch": "torch"})
 Norm = Enum("Norm", {n: n for n in NORMS})
+ResidualScale = Enum("ResidualScale", {s: s for s in RESIDUAL_SCALES})
 LossName = Enum("LossName", {n: n for n in ("auto", *LOSSES)})
 DType = Enum("DType", {"float64": "float64", "float32": "float32"})
 Device = Enum("Device", {"cpu": "cpu", "cuda": "cuda"})
@@ -74,7 +75,8 @@ class ModelConfig:
     # hidden non-linearity: a key of bench/activations.py, or a plug-in pkg.module:Name (bench/plugins.py)
     activation: str = "sigmoid"
     residual: bool = False  # a' = a + act(norm(W a + b)) around hidden layers of equal width
-    norm: Norm = Norm.none  # batchnorm: batch statistics in training, running ones for evaluation
+    residual_scale: ResidualScale = ResidualScale.one  # a' = a + s act(...): s = 1, 1/sqrt(depth), or rezero's alpha
+    norm: Norm = Norm.none  # batchnorm: batch statistics (running ones in evaluation); layernorm: per case
     init: str = "normal"  # weight scheme of bench/init.py (N(0, 1) is Nielsen's text), or pkg.module:fn
     init_scale: float | None = None  # the scheme's scale (range, std or gain); null: its default
     init_bias: float | None = None  # bias scale where the scheme has one (meanfield: sigma_b)
@@ -167,7 +169,7 @@ def specs_from(cfg: DictConfig, task: Task) -> tuple[NetSpec, TrainSpec]:
     widths = tuple(m.widths) if m.widths is not None else (m.width,) * m.depth
     blocks = tuple(m.first_layer_blocks) if m.first_layer_blocks is not None else None
     net = NetSpec(task.n_in, task.n_out, widths, _enum(m.activation), output, m.residual, _enum(m.norm),
-                  m.direct, task.input_blocks if blocks is not None else None, blocks)
+                  m.direct, task.input_blocks if blocks is not None else None, blocks, _enum(m.residual_scale))
     train = TrainSpec(steps=t.steps, lr=t.lr, momentum=t.momentum, momentum_initial=t.momentum_initial,
                       initial_steps=t.initial_steps, lr_initial=t.lr_initial, weight_decay=t.weight_decay,
                       batch_size=t.batch_size, loss=loss, log_every=cfg.log.every, dtype=_enum(t.dtype),
@@ -262,9 +264,16 @@ def validate(cfg: DictConfig) -> tuple[Task, NetSpec, TrainSpec]:
     _need(bs is None or 1 <= bs <= task.n_train,
           f"train.batch_size={bs}: must be null (full batch) or 1..{task.n_train} "
           f"(task {task.name} has {task.n_train} training cases)")
-    if _enum(m.norm) == "batchnorm":
-        _need(bs is None or bs >= 2, f"train.batch_size={bs}: model.norm=batchnorm needs batches of >= 2 cases")
+    norm = NORMS[_enum(m.norm)]
+    _need(bs is None or bs >= norm.min_batch,
+          f"train.batch_size={bs}: model.norm={norm.name} needs batches of >= {norm.min_batch} cases")
+    _need(m.residual or _enum(m.residual_scale) == "one",
+          f"model.residual_scale={_enum(m.residual_scale)} has no effect with model.residual=false: set "
+          f"model.residual=true or model.residual_scale=one")
     net, train = specs_from(cfg, task)
+    _need(min(net.widths) >= norm.min_width,
+          f"model.norm={norm.name} needs hidden layers >= {norm.min_width} units wide (widths "
+          f"{list(net.widths)}): a single unit normalised over itself is the constant beta")
     if train.loss == "cross_entropy":
         _need(task.n_out >= 2, f"train.loss=cross_entropy needs >= 2 output classes; task {task.name} has "
               f"{task.n_out} output: use sse_half or mse")

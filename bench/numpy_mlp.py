@@ -6,7 +6,7 @@ delta (dLoss/dz, z the pre-activation before any normalisation). Arrays carry a 
 weights (E, fan_in, fan_out), activations (E, B, width); a batch shared by all members is (1, B, width)
 and broadcasts through `np.matmul`.
 
-Notation follows the maths: z = a W + b, n = norm(z), h = phi(n), a' = h (+ a for residual blocks).
+Notation follows the maths: z = a W + b, n = norm(z), h = phi(n), a' = h (a + s h for residual blocks).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 from bench import losses
 from bench.activations import ACTIVATIONS, OUTPUTS, Activation
 from bench.losses import Loss
-from bench.spec import BN_EPS, BN_MOMENTUM, NetSpec
+from bench.spec import BN_MOMENTUM, NORM_EPS, NORMS, NetSpec
 
 
 def output_delta(loss: Loss, out: Activation, y: np.ndarray, z: np.ndarray, d: np.ndarray) -> np.ndarray:
@@ -30,7 +30,8 @@ def output_delta(loss: Loss, out: Activation, y: np.ndarray, z: np.ndarray, d: n
 
 
 class Layer:
-    """Layer i: z = a W + b (+ x D on the output layer with direct connections), then norm and phi.
+    """Layer i: z = a W + b (+ x D on the output layer with direct connections), then norm and phi,
+    and a' = a + s h in a residual block (s = 1, 1/sqrt(depth), or the learnable alpha of rezero).
 
     The layer holds its parameter and gradient arrays directly: views into the network's flat
     buffers, which the optimizer updates in place, so the hot loop does no dict lookups.
@@ -40,48 +41,59 @@ class Layer:
         P = f"layers.{i}."
         self.hidden, self.first = i < spec.depth, i == 0
         self.act = ACTIVATIONS[spec.activation] if self.hidden else OUTPUTS[spec.output]
-        self.bn = self.hidden and spec.norm == "batchnorm"
+        self.norm = NORMS[spec.norm if self.hidden else "none"]
+        self.normed = self.norm.replaces_bias  # a plain attribute: the hot loop reads it twice per step
         self.residual = spec.is_residual(i)
         self.direct = not self.hidden and spec.direct
         self.W, self.dW = params[P + "weight"], grads[P + "weight"]
         self.WT = self.W.transpose(0, 2, 1)  # a view: stays valid as W is updated in place
         mask = spec.first_layer_mask() if self.first else None
         self.mask = None if mask is None else mask.astype(self.W.dtype)
-        if self.bn:
+        if self.normed:  # a norm's mean subtraction cancels a bias: gamma and beta instead
             self.gamma, self.beta = params[P + "gamma"], params[P + "beta"]
             self.dgamma, self.dbeta = grads[P + "gamma"], grads[P + "beta"]
-            self.running_mean, self.running_var = P + "running_mean", P + "running_var"
-            self.buffers = buffers  # the network's dict: reset_member and the twin read it by name
         else:
             self.b, self.db = params[P + "bias"], grads[P + "bias"]
+        if self.norm.running:
+            self.running_mean, self.running_var = P + "running_mean", P + "running_var"
+            self.buffers = buffers  # the network's dict: reset_member and the twin read it by name
         if self.direct:
             self.D, self.dD = params[P + "direct"], grads[P + "direct"]
+        # the residual branch's scale s: rezero's alpha (E, 1, 1), 1/sqrt(depth), or None for s = 1
+        self.alpha = params.get(P + "alpha")
+        self.dalpha = grads.get(P + "alpha")
+        self.s = self.alpha if self.alpha is not None else spec.branch_scale(i)
 
     def forward(self, a: np.ndarray, x: np.ndarray, train: bool) -> np.ndarray:
         z = np.matmul(a, self.W)  # (E, B, fan_out)
         if self.direct:
             z += np.matmul(x, self.D)
-        if self.bn:
-            n = self._bn_forward(z, train)
+        if self.normed:
+            n = self._norm_forward(z, train)
         else:
             z += self.b
             n = z
         h = self.act.phi(n, np)
         self.a_in, self.x, self.z, self.n, self.h = a, x, z, n, h
-        return a + h if self.residual else h
+        if not self.residual:
+            return h
+        return a + h if self.s is None else a + self.s * h
 
-    def _bn_forward(self, z, train):
-        buf = self.buffers
-        if train:
-            mu = z.mean(1, keepdims=True)  # (E, 1, w): statistics over the batch, per member
-            var = z.var(1, keepdims=True)
-            B, m = z.shape[1], BN_MOMENTUM
+    def _norm_forward(self, z, train):
+        """Batch norm: statistics over the batch (axis 1, (E, 1, w)), per member; in evaluation the running
+        ones. Layer norm: over the units of each case (axis 2, (E, B, 1)), always."""
+        norm = self.norm
+        if norm.running and not train:
+            mu, var = self.buffers[self.running_mean], self.buffers[self.running_var]
+        else:
+            mu = z.mean(norm.axis, keepdims=True)
+            var = z.var(norm.axis, keepdims=True)
+        if norm.running and train:
+            buf, B, m = self.buffers, z.shape[1], BN_MOMENTUM
             buf[self.running_mean] = (1 - m) * buf[self.running_mean] + m * mu
             # running variance uses the unbiased batch variance (torch's convention)
             buf[self.running_var] = (1 - m) * buf[self.running_var] + m * var * B / (B - 1)
-        else:
-            mu, var = buf[self.running_mean], buf[self.running_var]
-        self.inv_std = 1.0 / np.sqrt(var + BN_EPS)
+        self.inv_std = 1.0 / np.sqrt(var + NORM_EPS)
         self.xhat = (z - mu) * self.inv_std
         return self.gamma * self.xhat + self.beta
 
@@ -89,19 +101,23 @@ class Layer:
         """The README's backward equations, one line each. grad = dLoss/da^l from the layer above
         (hidden layers), or delta_out = dLoss/dz^L (the output layer). Fills this layer's parameter
         gradients (written into the flat gradient buffer with out=) and returns dLoss/da^(l-1)."""
+        if self.alpha is not None:
+            np.sum(grad * self.h, axis=(1, 2), keepdims=True, out=self.dalpha)  # dalpha = sum_B,units grad * h
         if self.hidden:
-            dn = grad * self.act.dphi(self.n, self.h, np)  # dn^l = grad * phi'(n^l)
+            dh = grad if self.s is None else grad * self.s  # dh^l = s grad (s = 1 but in scaled residual blocks)
+            dn = dh * self.act.dphi(self.n, self.h, np)  # dn^l = dh^l * phi'(n^l)
         else:
             dn = delta_out  # dn^L = delta_out
-        if self.bn:
-            xhat, B = self.xhat, dn.shape[1]
+        if self.normed:
+            xhat, ax = self.xhat, self.norm.axis
+            N = dn.shape[ax]  # the count the statistics ran over: the batch B (batch norm) or the units (layer)
             np.sum(dn * xhat, axis=1, keepdims=True, out=self.dgamma)  # dgamma = sum_B dn * xhat
             np.sum(dn, axis=1, keepdims=True, out=self.dbeta)  # dbeta = sum_B dn
             dxhat = dn * self.gamma  # dxhat = dn * gamma
-            # dz = inv_std / B * (B dxhat - sum_B dxhat - xhat * sum_B (dxhat * xhat)): the mean and
-            # variance depend on every case in the batch
-            dz = self.inv_std / B * (B * dxhat - dxhat.sum(1, keepdims=True)
-                                     - xhat * (dxhat * xhat).sum(1, keepdims=True))
+            # dz = inv_std / N * (N dxhat - sum_N dxhat - xhat * sum_N (dxhat * xhat)): the mean and
+            # variance depend on every entry they were taken over
+            dz = self.inv_std / N * (N * dxhat - dxhat.sum(ax, keepdims=True)
+                                     - xhat * (dxhat * xhat).sum(ax, keepdims=True))
         else:
             dz = dn  # dz = dn
             np.sum(dz, axis=1, keepdims=True, out=self.db)  # db = sum_B dz
@@ -145,7 +161,7 @@ class NumpyMLP:
             off += size
         E = self.params[self.names[0]].shape[0]
         self.buffers = {}
-        if spec.norm == "batchnorm":
+        if NORMS[spec.norm].running:
             for i, w in enumerate(spec.widths):
                 self.buffers[f"layers.{i}.running_mean"] = np.zeros((E, 1, w), dtype)
                 self.buffers[f"layers.{i}.running_var"] = np.ones((E, 1, w), dtype)
@@ -198,19 +214,23 @@ def hidden_jacobian(net: NumpyMLP, x: np.ndarray) -> np.ndarray:
     """J = d a^L / d a^1, the Jacobian of the last hidden layer's output with respect to the first's, for each
     member and input: (E, B, N, N) with J[e, b, k, j] = d a^L_k / d a^1_j (Pennington et al. 2017's
     input-output Jacobian of the L - 1 square layers above the first). Evaluation mode; plain or residual
-    equal-width hidden layers (batch norm couples the cases of a batch: not a per-input Jacobian).
+    equal-width hidden layers without a norm (batch norm couples the cases of a batch: not a per-input
+    Jacobian; layer norm's is not written here).
 
-    By hand, layer by layer: a^(l+1) = phi(a^l W + b) (+ a^l), so d a^(l+1) / d a^l = diag(phi'(n)) W^T (+ I).
+    By hand, layer by layer: a^(l+1) = s phi(a^l W + b) (+ a^l), so d a^(l+1) / d a^l = diag(s phi'(n)) W^T (+ I),
+    s the residual branch's scale (1 outside residual blocks).
     """
     spec = net.spec
     if spec.norm != "none" or len(set(spec.widths)) != 1:
-        raise ValueError("hidden_jacobian needs equal hidden widths and no batch norm")
+        raise ValueError("hidden_jacobian needs equal hidden widths and no norm")
     net.forward(np.asarray(x)[None] if np.ndim(x) == 2 else x, train=False)
     first = net.layers[0]
     E, B, N = first.h.shape[0], first.h.shape[1], spec.widths[0]
     J = np.broadcast_to(np.eye(N, dtype=first.h.dtype), (E, B, N, N)).copy()  # (E, B, N, N): d a^1 / d a^1
     for layer in net.layers[1:spec.depth]:
         d = layer.act.dphi(layer.n, layer.h, np)  # (E, B, N) phi'(n) at this layer
+        if layer.s is not None:
+            d = d * layer.s  # s phi'(n): the branch's scale (alpha (E, 1, 1) or a number)
         step = np.einsum("ejk,ebji->ebki", layer.W, J) * d[..., None]  # diag(phi') W^T J
         J = step + J if layer.residual else step
     return J

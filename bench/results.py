@@ -64,7 +64,8 @@ RUNS_SCHEMA = _schema("runs", [
     ("method", _S),  # the method preset (config key method_name; conf/method/), null without one
     ("backend", _S), ("task", _S), ("activation", _S), ("depth", _I), ("width", _I),
     ("widths", _S),  # JSON list of hidden widths, input side first
-    ("residual", _B), ("norm", _S), ("init", _S), ("init_scale", _F), ("init_bias", _F), ("lr", _F),
+    ("residual", _B), ("residual_scale", _S),  # one | inv_sqrt_depth | rezero (only matters when residual)
+    ("norm", _S), ("init", _S), ("init_scale", _F), ("init_bias", _F), ("lr", _F),
     ("momentum", _F), ("weight_decay", _F), ("batch_size", _I),  # null = full batch
     ("loss", _S), ("steps", _I), ("log_every", _I), ("seed", _I),
     ("member", _I),  # index of this run in its job's ensemble
@@ -89,7 +90,7 @@ STEPS_SCHEMA = _schema("steps", [
 LAYERS_SCHEMA = _schema("layers", [
     ("run_id", _S), ("job_id", _S), ("step", _I),
     ("layer", _I),  # 1 = the layer next to the input
-    ("param", _S),  # weight | bias | gamma | beta | direct
+    ("param", _S),  # weight | bias | gamma | beta | direct | alpha
     ("grad_norm", _F), ("grad_mean_abs", _F), ("weight_norm", _F), ("delta_norm", _F),
     ("act_mean", _F), ("act_std", _F), ("act_saturation", _F),
 ], nullable=set())
@@ -102,8 +103,8 @@ SORT_KEYS = {"runs": ["run_id"], "steps": ["run_id", "step"],
 # runs columns that describe a run's configuration: what load(config_columns=True) joins on
 CONFIG_COLUMNS = (
     "name", "experiment", "method", "backend", "task", "activation", "depth", "width", "widths", "residual",
-    "norm", "init", "init_scale", "init_bias", "lr", "momentum", "weight_decay", "batch_size", "loss", "steps",
-    "log_every", "seed", "member", "ensemble", "dtype", "device",
+    "residual_scale", "norm", "init", "init_scale", "init_bias", "lr", "momentum", "weight_decay", "batch_size",
+    "loss", "steps", "log_every", "seed", "member", "ensemble", "dtype", "device",
 )
 _DICT_COLUMNS = ["run_id", "job_id", "param", "step", "layer"]  # repeated values: dictionary pages
 _COMPLETE = ("ok", "diverged")

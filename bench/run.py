@@ -28,6 +28,7 @@ from bench.checkpoint import Session
 from bench.config import CONF_DIR, ConfigError, _enum, register
 from bench.guard import preflight
 from bench.init import init_params
+from bench.spec import NORMS
 from bench.train import train
 
 log = logging.getLogger("bench")
@@ -82,8 +83,8 @@ def semantic_config(cfg: DictConfig, net, tspec) -> dict[str, Any]:
 
 
 def _describe(cfg: DictConfig, net) -> str:
-    arch = "+".join(x for x in (_enum(cfg.model.activation), "res" if net.residual else "",
-                                "bn" if net.norm == "batchnorm" else "") if x)
+    res = ("res" if net.residual_scale == "one" else f"res({net.residual_scale})") if net.residual else ""
+    arch = "+".join(x for x in (_enum(cfg.model.activation), res, NORMS[net.norm].label) if x)
     return f"{cfg.task.name} {arch} depth {net.depth} {_enum(cfg.backend)} seed {cfg.seed}"
 
 
@@ -185,7 +186,8 @@ def _tables(cfg, net, tspec, members, ids, todo, out, error, wall):
         "name": cfg.name, "experiment": _hydra_choice("experiment"), "method": cfg.method_name,
         "backend": _enum(cfg.backend),
         "task": cfg.task.name, "activation": net.activation, "depth": net.depth, "width": net.widths[0],
-        "widths": json.dumps(list(net.widths)), "residual": net.residual, "norm": net.norm,
+        "widths": json.dumps(list(net.widths)), "residual": net.residual,
+        "residual_scale": net.residual_scale, "norm": net.norm,
         "init": _enum(m.init), "init_scale": m.init_scale, "init_bias": m.init_bias, "lr": t.lr,
         "momentum": t.momentum, "weight_decay": t.weight_decay, "batch_size": t.batch_size, "loss": tspec.loss,
         "steps": t.steps, "log_every": cfg.log.every, "ensemble": cfg.ensemble, "dtype": tspec.dtype,

@@ -7,15 +7,48 @@ its PyTorch twin cannot disagree about them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from bench.activations import ACTIVATIONS, OUTPUTS
 
-NORMS = ("none", "batchnorm")  # batch norm's forward and backward are written out in each network
-BN_EPS = 1e-5  # batch norm: added to the batch variance before the square root (torch's default)
+NORM_EPS = 1e-5  # batch and layer norm: added to the variance before the square root (torch's default)
 BN_MOMENTUM = 0.1  # batch norm: running = (1 - m) running + m batch (torch's convention)
+
+
+@dataclass(frozen=True)
+class Norm:
+    """What the code needs to know about a normalisation of a hidden layer's pre-activation z (E, B, width).
+
+    A norm with an `axis` standardises z over that axis, xhat = (z - mean) / sqrt(var + NORM_EPS) with
+    the biased variance, then n = gamma * xhat + beta: the mean subtraction cancels a bias, so gamma and
+    beta replace it. Each network writes the forward and backward out (bench.numpy_mlp, bench.torch_mlp).
+    """
+
+    name: str
+    axis: int | None  # the axis of (E, B, width) the statistics run over: 1 the batch, 2 the units; None: no norm
+    running: bool = False  # keeps running mean/var buffers (training updates them, evaluation uses them)
+    min_batch: int = 1  # the smallest training batch it is defined on
+    min_width: int = 1  # the narrowest hidden layer it is useful on (over one unit, layer norm gives beta)
+    label: str = ""  # its short name in progress lines
+
+    @property
+    def replaces_bias(self) -> bool:  # gamma and beta instead of a bias
+        return self.axis is not None
+
+
+NORMS: dict[str, Norm] = {n.name: n for n in (
+    Norm("none", None),
+    # batch statistics in training, running ones (momentum BN_MOMENTUM, unbiased variance) in evaluation
+    Norm("batchnorm", 1, running=True, min_batch=2, label="bn"),
+    # per case over the layer's units, in training and evaluation alike (torch's nn.LayerNorm)
+    Norm("layernorm", 2, min_width=2, label="ln"),
+)}
+# residual blocks a' = a + s f(a): s = 1, 1/sqrt(depth) (fixed), or a learnable scalar alpha per block,
+# initialised 0 (SkipInit / ReZero: every block starts as the identity)
+RESIDUAL_SCALES = ("one", "inv_sqrt_depth", "rezero")
 
 
 @dataclass(frozen=True)
@@ -23,7 +56,8 @@ class NetSpec:
     """A multilayer perceptron: hidden layers `widths`, then one output layer.
 
     Layer l (1-based, 1 = next to the input) computes z = a W + b, then for hidden layers
-    a' = act(norm(z)) (plus a for residual blocks of equal width). The output layer applies `output`.
+    a' = act(norm(z)) (plus a for residual blocks of equal width: a' = a + s act(norm(z)), s set by
+    `residual_scale`). The output layer applies `output`.
     """
 
     n_in: int
@@ -32,10 +66,11 @@ class NetSpec:
     activation: str = "sigmoid"  # a key of bench.activations.ACTIVATIONS
     output: str = "sigmoid"  # a key of bench.activations.OUTPUTS
     residual: bool = False
-    norm: str = "none"
+    norm: str = "none"  # a key of NORMS
     direct: bool = False  # extra input->output weights (the PDP XOR 2-1-1 net)
     input_blocks: tuple[int, ...] | None = None  # block-diagonal first layer: input group sizes ...
     hidden_blocks: tuple[int, ...] | None = None  # ... each wired only to its own hidden group
+    residual_scale: str = "one"  # one of RESIDUAL_SCALES: the residual branch's scale s
 
     @property
     def depth(self) -> int:
@@ -61,15 +96,24 @@ class NetSpec:
             fan_in, fan_out = self.fan(i)
             hidden = i < self.depth
             out.append((f"layers.{i}.weight", "weight", i + 1, (fan_in, fan_out)))
-            if hidden and self.norm == "batchnorm":
-                # batch norm subtracts the batch mean, which cancels a bias: beta takes its place
+            if hidden and NORMS[self.norm].replaces_bias:
+                # a norm subtracts a mean, which cancels a bias: beta takes its place
                 out.append((f"layers.{i}.gamma", "gamma", i + 1, (1, fan_out)))
                 out.append((f"layers.{i}.beta", "beta", i + 1, (1, fan_out)))
             else:
                 out.append((f"layers.{i}.bias", "bias", i + 1, (1, fan_out)))
             if not hidden and self.direct:
                 out.append((f"layers.{i}.direct", "direct", i + 1, (self.n_in, self.n_out)))
+            if self.is_residual(i) and self.residual_scale == "rezero":
+                out.append((f"layers.{i}.alpha", "alpha", i + 1, (1, 1)))  # the branch's scale, one per member
         return out
+
+    def branch_scale(self, i: int) -> float | None:
+        """The fixed scale s of residual block i's branch (a' = a + s f(a)): 1 / sqrt(depth) for
+        inv_sqrt_depth; None where there is none to apply (s = 1, or rezero's learnable alpha)."""
+        if self.is_residual(i) and self.residual_scale == "inv_sqrt_depth":
+            return 1.0 / math.sqrt(self.depth)
+        return None
 
     def first_layer_mask(self) -> np.ndarray | None:
         """(n_in, widths[0]) 0/1 mask of the block-diagonal first layer, or None when it is dense."""
@@ -90,6 +134,9 @@ class NetSpec:
             raise ValueError(f"output={self.output!r}; valid choices: {', '.join(OUTPUTS)}")
         if self.norm not in NORMS:
             raise ValueError(f"model.norm={self.norm!r}; valid choices: {', '.join(NORMS)}")
+        if self.residual_scale not in RESIDUAL_SCALES:
+            raise ValueError(f"model.residual_scale={self.residual_scale!r}; valid choices: "
+                             f"{', '.join(RESIDUAL_SCALES)}")
         if not self.widths or min(self.widths) < 1:
             raise ValueError(f"model widths {list(self.widths)}: need at least one hidden layer, each >= 1 wide")
         if (self.input_blocks is None) != (self.hidden_blocks is None):

@@ -38,6 +38,7 @@ from bench.init import init_variances  # noqa: F401  (the variances beside the d
 
 GL_NODES = 32  # Gauss-Legendre nodes per panel in gauss_expect: ~1e-14 relative for q up to 1e4
 Z_MAX = 10.0  # integrate z over [-10, 10]: P(|z| > 10) = 1.5e-23, below float64 for bounded integrands
+Q_DIVERGED = 1e30  # fixed_point_q: an iterate beyond this is growing without bound (relu-like tails): q* = inf
 # Every activation a network can use, and the linear network; each entry's phi, phi' and closed-form
 # constants come from bench.activations. At sw2 = 1 tanh/softsign iterates reach q* = 0 only like 1/l.
 # A live view, not a copy: plug-ins registered later (bench.plugins) are covered too.
@@ -127,7 +128,8 @@ def fixed_point_q(activation, sw2: float, sb2: float, q0: float = 1.0, tol: floa
     relu / leaky_relu / linear have the affine map q -> k q + sb2 with k = sw2 c, solved exactly:
     k < 1 gives sb2 / (1 - k); k = 1 (to 1e-12; relu with sw2 = 2) keeps every q, so q0 is returned when
     sb2 = 0 and inf otherwise (q grows by sb2 per layer); k > 1 diverges geometrically: inf (0 when
-    q0 = sb2 = 0, the unstable fixed point). The bounded activations always have a finite q*.
+    q0 = sb2 = 0, the unstable fixed point). The bounded activations always have a finite q*; the
+    smooth ones with a linear tail (selu, elu, gelu, silu) return inf once an iterate passes Q_DIVERGED.
     Raises RuntimeError if max_iter is not enough (only near sw2 = 1 with tiny sb2 for tanh/softsign).
     """
     act = get_activation(activation)
@@ -146,6 +148,8 @@ def fixed_point_q(activation, sw2: float, sb2: float, q0: float = 1.0, tol: floa
         q_next = length_map(q, act, sw2, sb2)
         if abs(q_next - q) <= tol * q_next or q_next == q:  # q_next == q covers q* = 0 (sw2 = sb2 = 0)
             return q_next
+        if q_next > Q_DIVERGED:
+            return math.inf
         q = q_next
     raise RuntimeError(f"length map of {act.name} at sw2={sw2}, sb2={sb2}: "
                        f"no fixed point within {max_iter} steps")
@@ -215,7 +219,9 @@ def critical_sw2(activation, sb2: float, sw2_max: float = 1e4) -> float:
     """The sw2 with chi1(q*) = 1 at this sb2 (edge of chaos), e.g. tanh at sb2 = 0.05: ~1.76.
 
     Exact for relu/leaky_relu/linear (1 / c, q-independent) and for tanh/softsign at sb2 = 0 (1: the
-    transition happens at q* = 0, where chi1 = sw2 phi'(0)^2). Otherwise brentq on chi1(q*(sw2)) - 1.
+    transition happens at q* = 0, where chi1 = sw2 phi'(0)^2). Otherwise brentq on chi1(q*(sw2)) - 1,
+    with q* = inf counted as chaotic. gelu, silu and elu with bias: near sw2 = 2 (their relu-like tails'
+    critical point) the length map creeps, and fixed_point_q may raise RuntimeError on the way.
     """
     act = get_activation(activation)
     _check_nonneg(sb2=sb2)
@@ -225,9 +231,15 @@ def critical_sw2(activation, sb2: float, sw2_max: float = 1e4) -> float:
         return 1.0
 
     def excess(sw2: float) -> float:
-        return chi1(act, sw2, sb2) - 1.0
+        q = fixed_point_q(act, sw2, sb2)
+        # q* = inf (a linear tail, sw2 large): the signal grows without bound, the chaotic side
+        return 1.0 if q == math.inf else chi1(act, sw2, sb2, q) - 1.0
 
     lo, hi = 0.5, 2.0  # phi'^2 <= 1 for the bounded activations, so chi1(0.5) <= 0.5: excess(lo) < 0
+    while excess(lo) >= 0.0:  # steeper ones (selu: phi' up to 1.76) can be chaotic at 0.5 already
+        lo /= 2.0
+        if lo < 1e-6:
+            raise RuntimeError(f"no sw2 >= 1e-6 gives chi1(q*) < 1 for {act.name} at sb2={sb2}")
     while excess(hi) <= 0.0:
         hi *= 2.0
         if hi > sw2_max:

@@ -1,10 +1,11 @@
 """The PyTorch twin: the same layers as `bench.numpy_mlp`, with autograd doing the backward pass.
 
 Built from the same NumPy initial arrays, with the same parameter names in the same order
-(`layers.{i}.weight`, `.bias` | `.gamma`, `.beta`, `.direct`), so gradients are compared by name
-without a map. Parameters keep the leading ensemble axis (E, fan_in, fan_out) and `torch.matmul`
-broadcasts a shared batch (1, B, n_in) over members. Batch norm is written out (not nn.BatchNorm1d,
-which has no ensemble axis) with the same formulas and running-statistics convention.
+(`layers.{i}.weight`, `.bias` | `.gamma`, `.beta`, `.direct`, `.alpha`), so gradients are compared by
+name without a map. Parameters keep the leading ensemble axis (E, fan_in, fan_out) and `torch.matmul`
+broadcasts a shared batch (1, B, n_in) over members. Batch and layer norm are written out (not
+nn.BatchNorm1d / nn.LayerNorm, which have no ensemble axis) with the same formulas and running-statistics
+convention; autograd differentiates them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import nn
 
 from bench import losses
 from bench.activations import ACTIVATIONS, OUTPUTS
-from bench.spec import BN_EPS, BN_MOMENTUM, NetSpec
+from bench.spec import BN_MOMENTUM, NORM_EPS, NORMS, NetSpec
 
 
 class TorchLayer(nn.Module):
@@ -23,15 +24,16 @@ class TorchLayer(nn.Module):
         super().__init__()
         self.hidden = i < spec.depth
         self.act = ACTIVATIONS[spec.activation] if self.hidden else OUTPUTS[spec.output]
-        self.bn = self.hidden and spec.norm == "batchnorm"
+        self.norm = NORMS[spec.norm if self.hidden else "none"]
         self.residual = spec.is_residual(i)
-        for kind in ("weight", "gamma", "beta", "bias", "direct"):  # NetSpec.params() order
+        self.scale = spec.branch_scale(i)  # a residual branch's fixed scale (None: 1, or rezero's alpha)
+        for kind in ("weight", "gamma", "beta", "bias", "direct", "alpha"):  # NetSpec.params() order
             if kind in arrays:
                 setattr(self, kind, nn.Parameter(arrays[kind]))
         mask = spec.first_layer_mask() if i == 0 else None
         w = arrays["weight"]
         self.register_buffer("mask", None if mask is None else torch.as_tensor(mask, dtype=w.dtype, device=w.device))
-        if self.bn:
+        if self.norm.running:
             E, width = w.shape[0], w.shape[2]
             self.register_buffer("running_mean", torch.zeros(E, 1, width, dtype=w.dtype, device=w.device))
             self.register_buffer("running_var", torch.ones(E, 1, width, dtype=w.dtype, device=w.device))
@@ -43,17 +45,19 @@ class TorchLayer(nn.Module):
         z = torch.matmul(a, self.weight)  # (E, B, fan_out)
         if hasattr(self, "direct"):
             z = z + torch.matmul(x, self.direct)
-        if self.bn:
-            if train:
-                mu = z.mean(1, keepdim=True)
-                var = z.var(1, keepdim=True, correction=0)
+        norm = self.norm
+        if norm.replaces_bias:
+            if norm.running and not train:
+                mu, var = self.running_mean, self.running_var
+            else:  # batch norm over the batch (axis 1), layer norm over each case's units (axis 2)
+                mu = z.mean(norm.axis, keepdim=True)
+                var = z.var(norm.axis, keepdim=True, correction=0)
+            if norm.running and train:
                 B, m = z.shape[1], BN_MOMENTUM
                 with torch.no_grad():  # running statistics: unbiased variance, as nn.BatchNorm1d
                     self.running_mean.mul_(1 - m).add_(m * mu)
                     self.running_var.mul_(1 - m).add_(m * var * B / (B - 1))
-            else:
-                mu, var = self.running_mean, self.running_var
-            n = self.gamma * (z - mu) / torch.sqrt(var + BN_EPS) + self.beta
+            n = self.gamma * (z - mu) / torch.sqrt(var + NORM_EPS) + self.beta
         else:
             z = z + self.bias
             n = z
@@ -61,7 +65,15 @@ class TorchLayer(nn.Module):
             z.retain_grad()  # for the delta statistic, dLoss/dz
         h = self.act.phi(n, torch)  # autograd differentiates phi itself
         self.z, self.n, self.h = z, n, h
-        return a + h if self.residual else h
+        return self.output(a, h)
+
+    def output(self, a: torch.Tensor, h: torch.Tensor, member=slice(None)) -> torch.Tensor:
+        """a' = h, or a + s h in a residual block: s = 1, 1/sqrt(depth), or rezero's alpha (of `member`)."""
+        if not self.residual:
+            return h
+        if hasattr(self, "alpha"):
+            return a + self.alpha[member] * h
+        return a + h if self.scale is None else a + self.scale * h
 
 
 class TorchMLP(nn.Module):
@@ -153,12 +165,12 @@ class TorchMLP(nn.Module):
 
 def hidden_jacobian(net: TorchMLP, x) -> np.ndarray:
     """The twin of `bench.numpy_mlp.hidden_jacobian` by autograd (torch.func.jacrev): d a^L / d a^1 for each
-    member and input, (E, B, N, N) as a NumPy array. Evaluation mode, no batch norm."""
+    member and input, (E, B, N, N) as a NumPy array. Evaluation mode, no norm."""
     from torch.func import jacrev
 
     spec = net.spec
     if spec.norm != "none" or len(set(spec.widths)) != 1:
-        raise ValueError("hidden_jacobian needs equal hidden widths and no batch norm")
+        raise ValueError("hidden_jacobian needs equal hidden widths and no norm")
     x = net.asarray(x)
     x = x[None] if x.ndim == 2 else x
     with torch.no_grad():
@@ -171,8 +183,7 @@ def hidden_jacobian(net: TorchMLP, x) -> np.ndarray:
             a = a[None, None]
             for layer in net.layers[1:spec.depth]:
                 n = torch.matmul(a, layer.weight[e]) + layer.bias[e]
-                h = layer.act.phi(n, torch)
-                a = a + h if layer.residual else h
+                a = layer.output(a, layer.act.phi(n, torch), e)
             return a[0, 0]
 
         for b in range(B):

@@ -124,7 +124,13 @@ def test_task_options_are_the_task_functions_defaults():
 
 
 # --- the activation registry: one entry serves NumPy, torch and theory ----------------------------
-@pytest.mark.parametrize("name", ["sigmoid", "tanh", "relu", "softsign", "leaky_relu"])
+def _activation_names():
+    from bench.activations import ACTIVATIONS
+
+    return list(ACTIVATIONS)
+
+
+@pytest.mark.parametrize("name", _activation_names())
 def test_activation_entry_serves_both_array_modules(name):
     torch = pytest.importorskip("torch")
     from bench.activations import ACTIVATIONS
@@ -133,16 +139,24 @@ def test_activation_entry_serves_both_array_modules(name):
     z = np.concatenate([np.linspace(-30.0, 30.0, 601), [-1e-300, 1e-300]])  # 0 included: relu's kink
     zt = torch.tensor(z, requires_grad=True)
     h, ht = act.phi(z, np), act.phi(zt, torch)
-    # the same float64 formula in both modules: equal but for each library's tanh (<= 1 ulp, ~1e-16
-    # absolute; sigmoid's 1 + tanh(z/2) turns that into a large relative error far out, hence atol)
+    # the same float64 formula in both modules: equal but for each library's tanh, exp or erf (<= 1 ulp,
+    # ~1e-16 absolute; sigmoid's 1 + tanh(z/2) turns that into a large relative error far out, hence atol)
     np.testing.assert_allclose(ht.detach().numpy(), h, rtol=1e-15, atol=1e-15, err_msg=name)
     ht.sum().backward()  # what the torch twin uses: autograd through phi
     # the NumPy backward's phi' (from z and h) against autograd's: rounding only (1 - h^2 vs
     # autograd's own tanh' formula), and both give phi'(0) = 0 for relu as torch.relu does
     np.testing.assert_allclose(act.dphi(z, h, np), zt.grad.numpy(), rtol=1e-12, atol=1e-15, err_msg=name)
-    # its largest slope: never exceeded on the grid, and reached to 1e-3 (the built-ins peak at 0, on the
-    # grid; a smooth peak between grid points is missed by O(spacing^2) ~ 1e-3 at most)
+    # its largest slope: never exceeded on the grid, and reached to 1e-3 (most built-ins peak at 0, on the
+    # grid; a smooth peak between grid points is missed by O(spacing^2) ~ 1e-3 at most) ...
     assert act.dphi_max * (1 - 1e-3) <= act.dphi(z, h, np).max() <= act.dphi_max * (1 + 1e-12), name
+    # ... and to 1e-12 by a bounded optimiser near the top of the grid (gelu and silu peak off 0)
+    from scipy.optimize import minimize_scalar
+
+    top = z[np.argmax(act.dphi(z, h, np))]
+    best = minimize_scalar(lambda v: -float(act.dphi(np.array(v), act.phi(np.array(v), np), np)),
+                           bounds=(top - 0.1, top + 0.1), method="bounded", options={"xatol": 1e-10})
+    assert -best.fun <= act.dphi_max * (1 + 1e-12), name
+    assert -best.fun >= act.dphi_max * (1 - 1e-12) or top == 0.0, name  # a peak at a kink: the grid has it
     for dtype in (np.float32, np.float64):  # phi and phi' keep the network's dtype
         z32 = z.astype(dtype)
         assert act.phi(z32, np).dtype == dtype and act.dphi(z32, act.phi(z32, np), np).dtype == dtype, name
@@ -153,7 +167,7 @@ def test_config_choices_are_the_registries():
     from bench.activations import ACTIVATIONS
     from bench.init import INITS
     from bench.losses import LOSSES
-    from bench.spec import NORMS
+    from bench.spec import NORMS, RESIDUAL_SCALES
 
     # activation and init are strings (a plug-in is pkg.module:Name), checked against the registries
     for key, registry in (("activation", ACTIVATIONS), ("init", INITS)):
@@ -161,4 +175,5 @@ def test_config_choices_are_the_registries():
             config.validate(compose_cfg([f"model.{key}=nope"]))
         assert str(err.value).endswith(f"valid choices: {', '.join(registry)}, or a plug-in pkg.module:Name")
     assert [e.value for e in config.Norm] == list(NORMS)
+    assert [e.value for e in config.ResidualScale] == list(RESIDUAL_SCALES)
     assert [e.value for e in config.LossName] == ["auto", *LOSSES]

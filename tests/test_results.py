@@ -35,6 +35,7 @@ def _job(seed=0, ensemble=2, created=datetime(2024, 1, 1, tzinfo=UTC), status=No
         "backend": ["numpy"] * ensemble, "task": ["xor"] * ensemble,
         "activation": ["sigmoid"] * ensemble, "depth": [2] * ensemble, "width": [3] * ensemble,
         "widths": [json.dumps([3, 3])] * ensemble, "residual": [False] * ensemble,
+        "residual_scale": ["one"] * ensemble,
         "norm": ["none"] * ensemble, "init": ["uniform"] * ensemble,
         "init_scale": [0.3] + [None] * (ensemble - 1), "lr": [0.5] * ensemble,
         "momentum": [0.9] * ensemble, "weight_decay": [0.0] * ensemble,

@@ -121,7 +121,8 @@ CATALOGUE = [
     # unknown choices
     (["backend=jax"], 2, ["backend", "expected one of [numpy, torch]"]),
     (["model.activation=swish"], 2, ["model.activation", "sigmoid, tanh, relu"]),
-    (["model.norm=layernorm"], 2, ["model.norm", "[none, batchnorm]"]),
+    (["model.norm=groupnorm"], 2, ["model.norm", "[none, batchnorm, layernorm]"]),
+    (["model.residual_scale=half"], 2, ["model.residual_scale", "[one, inv_sqrt_depth, rezero]"]),
     (["train.dtype=float16"], 2, ["train.dtype", "[float64, float32]"]),
     (["task=mnist"], 2, ["task/mnist", "valid choices: digits"]),
     (["experiment=nope"], 2, ["experiment/nope", "valid choices:", "quickstart"]),
@@ -146,6 +147,8 @@ CATALOGUE = [
     (["train.device=cuda"], 2, ["train.device=cuda", "needs backend=torch"]),
     (["train.loss=cross_entropy"], 2, ["cross_entropy", "use sse_half or mse"]),
     (["model.norm=batchnorm", "train.batch_size=1"], 2, ["batchnorm", "batches of >= 2"]),
+    (["model.residual_scale=rezero"], 2, ["model.residual_scale=rezero has no effect", "model.residual=true"]),
+    (["model.norm=layernorm", "model.width=1"], 2, ["model.norm=layernorm", ">= 2 units wide"]),
     (["model.first_layer_blocks=[2,2]"], 2, ["first_layer_blocks", "family_trees"]),
     (["task=family_trees", "model.width=12", "model.first_layer_blocks=[6,5]"], 2, ["must sum to", "12"]),
     (["train.lr_initial=0.01"], 2, ["train.lr_initial=0.01 has no effect", "set train.initial_steps > 0"]),

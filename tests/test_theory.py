@@ -13,7 +13,8 @@ from bench import theory
 from bench.activations import ACTIVATIONS, LEAKY_SLOPE
 from bench.init import SCHEMES
 
-SMOOTH = ("sigmoid", "tanh", "softsign")  # the activations whose expectations need quadrature
+SMOOTH = ("sigmoid", "tanh", "softsign")  # the bounded activations whose expectations need quadrature
+LINEAR_TAIL = ("selu", "gelu", "silu", "elu")  # quadrature too; linear for large z, so q* can be inf
 
 
 def _quad_expect(f, q):
@@ -55,7 +56,7 @@ def test_theory_reads_the_networks_activations():
         assert theory.get_activation(name) is act, name  # ... from the very entry the networks use
 
 
-@pytest.mark.parametrize("name", SMOOTH)
+@pytest.mark.parametrize("name", SMOOTH + LINEAR_TAIL)
 @pytest.mark.parametrize("q", [1e-3, 0.5, 2.0, 10.0, 100.0])
 def test_gauss_expect_matches_scipy_quad(name, q):
     act = theory.get_activation(name)
@@ -129,6 +130,31 @@ def test_fixed_point_q():
     assert theory.fixed_point_q("linear", 0.5, 0.1) == pytest.approx(0.2)  # sb2 / (1 - sw2)
     assert theory.fixed_point_q("tanh", 0.9, 0.0) == 0.0  # ordered phase without bias
     assert theory.fixed_point_q("tanh", 2.0, 0.0) > 0.0  # chaotic phase: nonzero q*
+
+
+def test_selu_self_normalising_fixed_point():
+    """Klambauer et al. 2017: lambda and alpha make E[selu(z)] = 0 and E[selu(z)^2] = 1 for z ~ N(0, 1),
+    so with LeCun-normal weights (sw2 = 1, sb2 = 0) q = 1 maps to itself and attracts."""
+    act = theory.get_activation("selu")
+    # the constants carry 17 digits; the quadrature ~1e-14: 1e-9 is a check of the constants' meaning
+    assert theory.gauss_expect(lambda x: _phi(act, x), 1.0) == pytest.approx(0.0, abs=1e-9)
+    assert theory.length_map(1.0, "selu", 1.0, 0.0) == pytest.approx(1.0, rel=1e-9)
+    sw2, sb2 = theory.init_variances("lecun", 64)
+    assert (sw2, sb2) == (1.0, 0.0)
+    for q0 in (0.3, 3.0):  # attracting from both sides
+        assert theory.fixed_point_q("selu", sw2, sb2, q0=q0) == pytest.approx(1.0, rel=1e-9)
+
+
+def test_linear_tails_diverge_to_inf_and_critical_lines():
+    # selu at sw2 = 2: q grows by ~sw2 lambda^2 / 2 = 1.1 per layer, without bound
+    assert theory.fixed_point_q("selu", 2.0, 0.0) == math.inf
+    # elu has phi(0) = 0, phi'(0) = 1, |phi| <= |x|: ordered (q* = 0) up to sw2 = 1 without bias
+    assert theory.fixed_point_q("elu", 0.9, 0.0) == 0.0
+    assert theory.critical_sw2("elu", 0.0) == 1.0
+    # selu's slope reaches 1.76: chaotic at sw2 = 0.5 without bias (critical_sw2's first bracket end)
+    assert theory.chi1("selu", 0.5, 0.0) > 1.0
+    sw2 = theory.critical_sw2("selu", 0.3)  # brentq's root, where the bracket's upper end has q* = inf
+    assert theory.chi1("selu", sw2, 0.3) == pytest.approx(1.0, abs=1e-9)
 
 
 def test_q_sequence():
@@ -211,7 +237,7 @@ class _Act(Enum):  # what the config schema hands us: bench.config's Enums are p
 def test_bad_names_list_valid_choices():
     for call in (lambda: theory.chi1("sigmod", 1.0, 0.0),
                  lambda: theory.length_map(1.0, "swish", 1.0, 0.0),
-                 lambda: theory.critical_sw2("gelu", 0.0)):
+                 lambda: theory.critical_sw2("mish", 0.0)):
         with pytest.raises(ValueError) as err:
             call()
         assert all(name in str(err.value) for name in theory.COVERED)
@@ -243,6 +269,10 @@ CASES = [  # (activation, sw2, sb2, q0)
     ("relu", 2.0, 0.0, 1.0),  # He: chi1 = 1, every q is a fixed point
     ("relu", 1.0, 0.1, 1.0),  # chi1 = 1/2
     ("softsign", 2.0, 0.1, 1.0),
+    ("selu", 1.0, 0.0, 1.0),  # LeCun normal: the self-normalising fixed point q* = 1, chi1 ~ 1.07
+    ("gelu", 2.0, 0.0, 1.0),  # He: q decays, chi1 -> 1/2
+    ("silu", 2.0, 0.1, 1.0),
+    ("elu", 1.5, 0.0, 1.0),
 ]
 
 

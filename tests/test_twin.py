@@ -112,6 +112,10 @@ def _cli(*args):
 @pytest.mark.parametrize("args,code,needle", [
     (["task=digits", "model.depth=4", "model.width=16", "model.norm=batchnorm", "model.residual=true",
       "train.batch_size=64", "train.steps=20", "log.every=5"], 0, "max rel diff "),
+    # the newer methods: layer norm, rezero's alpha rows, selu with LeCun-normal weights; full batch
+    (["task=digits", "model.depth=4", "model.width=16", "model.norm=layernorm", "model.residual=true",
+      "model.residual_scale=rezero", "model.activation=selu", "model.init=lecun", "train.steps=20",
+      "log.every=5"], 0, "max rel diff "),
     (["model.activation=swish"], 2, "model.activation"),
     (["train.dtype=float32"], 2, "train.dtype=float32"),
 ])
