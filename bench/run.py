@@ -183,8 +183,9 @@ def _tables(cfg, net, tspec, members, ids, todo, out, error, wall):
         "name": cfg.name, "experiment": _hydra_choice("experiment"), "backend": _enum(cfg.backend),
         "task": cfg.task.name, "activation": net.activation, "depth": net.depth, "width": net.widths[0],
         "widths": json.dumps(list(net.widths)), "residual": net.residual, "norm": net.norm,
-        "init": _enum(m.init), "init_scale": m.init_scale, "init_bias": m.init_bias, "optimizer": tspec.optimizer, "lr": t.lr,
-        "momentum": t.momentum, "weight_decay": t.weight_decay, "batch_size": t.batch_size, "loss": tspec.loss,
+        "init": _enum(m.init), "init_scale": m.init_scale, "init_bias": m.init_bias, "lr": t.lr,
+        "optimizer": tspec.optimizer, "momentum": t.momentum, "weight_decay": t.weight_decay,
+        "batch_size": t.batch_size, "loss": tspec.loss,
         "steps": t.steps, "log_every": cfg.log.every, "ensemble": cfg.ensemble, "dtype": tspec.dtype,
         "device": tspec.device, "error": error, "wall_time_s": wall / E, "git_commit": git_commit(),
     }
