@@ -226,9 +226,9 @@ def validate(cfg: DictConfig) -> tuple[Task, NetSpec, TrainSpec]:
         v = t[key]
         _need(v is None or (math.isfinite(v) and 0 <= v < 1), f"train.{key}={v}: must be in [0, 1)")
     if _enum(t.optimizer) == "adam":
-        for key in ("momentum", "momentum_initial"):  # beta1 is Adam's momentum: a second one would do nothing
-            _need(not t[key], f"train.{key}={t[key]}: must be 0 with train.optimizer=adam (its momentum "
-                  f"is train.adam_beta1); set train.{key}={0 if key == 'momentum' else 'null'} or train.optimizer=sgd")
+        for key, off in (("momentum", 0), ("momentum_initial", "null")):  # Adam's momentum is its beta1
+            _need(not t[key], f"train.{key}={t[key]}: must be {off} with train.optimizer=adam (its momentum "
+                  f"is train.adam_beta1); set train.{key}={off} or train.optimizer=sgd")
     for key in ("adam_beta1", "adam_beta2"):
         _need(math.isfinite(t[key]) and 0 <= t[key] < 1, f"train.{key}={t[key]}: must be in [0, 1)")
     _need(_finite_positive(t.adam_eps), f"train.adam_eps={t.adam_eps}: must be a finite number > 0")
