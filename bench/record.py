@@ -12,8 +12,8 @@ and for the layer the parameter belongs to (repeated on each of its parameter ro
 and, for the update the optimizer applies after this step's gradient (weight decay included):
   update_norm    ||w(t+1) - w(t)||, the difference of the stored parameters (an update below w's
                  rounding is 0 here); NaN at the last step, which applies no update
-  update_ratio   update_norm / weight_norm (inf where the parameter is 0, as a zero-initialised bias
-                 at step 0; NaN where both are 0)
+  update_ratio   update_norm / weight_norm; NaN where the parameter is 0 (a zero-initialised bias at
+                 step 0: no relative size), so that means over rows skip it
 Entries of a block-diagonal first layer that do not exist (masked to 0) are not counted in means.
 """
 
@@ -68,7 +68,7 @@ def update_stats(net, before, stats: np.ndarray) -> None:
     w = stats[:, :, STATS.index("weight_norm")]
     stats[:, :, j] = u
     with np.errstate(divide="ignore", invalid="ignore"):
-        stats[:, :, j + 1] = u / w
+        stats[:, :, j + 1] = np.where(w > 0, u / w, np.nan)
 
 
 def _saturated(act, n, h, xp):

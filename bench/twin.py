@@ -67,10 +67,8 @@ def rel_diff(quantity: str, a: np.ndarray, b: np.ndarray, ref: np.ndarray | None
         if quantity in UPDATE_STATS:
             scale = np.maximum(scale, UPDATE_FLOOR * (np.abs(ref) if quantity == "update_norm" else 1.0))
         out = np.where(scale > 0, diff / np.where(scale > 0, scale, 1.0), 0.0)
-    # undefined in both (act_saturation of a softmax output) or the same infinity (update_ratio of a
-    # zero-initialised bias): agreement
-    same = (np.isnan(a) & np.isnan(b)) | (a == b)
-    return np.where(same, 0.0, np.where(np.isnan(out), np.inf, out))
+    both_nan = np.isnan(a) & np.isnan(b)  # e.g. act_saturation of a softmax output: undefined in both
+    return np.where(both_nan, 0.0, np.where(np.isnan(out), np.inf, out))
 
 
 def output_delta_diff(spec: NetSpec, loss: str, delta_a, delta_b, y, d) -> np.ndarray:

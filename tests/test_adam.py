@@ -100,7 +100,7 @@ def test_ensemble_member_equals_solo_run_under_adam(backend):
         m = ens.layers["member"] == k
         # members are independent slices of batched matmuls and of elementwise Adam: the solo run's
         # arithmetic up to BLAS blocking, so 1e-12 relative leaves room only for last-bit differences
-        # (update_ratio included: inf where a bias starts at 0, in both)
+        # (update_ratio included: NaN where a bias starts at 0, in both)
         for col in STATS:
             assert _close(ens.layers[col][m], solo.layers[col], 1e-12, 1e-15), (seed, col)
         for name, p in solo.params.items():
