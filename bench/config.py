@@ -24,7 +24,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from bench.activations import ACTIVATIONS
 from bench.init import SCHEMES
 from bench.losses import LOSSES
-from bench.spec import NORMS, NetSpec, TrainSpec
+from bench.spec import NORMS, OPTIMIZERS, NetSpec, TrainSpec
 from bench.tasks import MAKERS, Task, make_task
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the repository's conf/ (install with pip -e)
@@ -47,7 +47,7 @@ Init = Enum("Init", {s: s for s in SCHEMES})
 LossName = Enum("LossName", {n: n for n in ("auto", *LOSSES)})
 DType = Enum("DType", {"float64": "float64", "float32": "float32"})
 Device = Enum("Device", {"cpu": "cpu", "cuda": "cuda"})
-Optimizer = Enum("Optimizer", {"sgd": "sgd", "adam": "adam"})
+Optimizer = Enum("Optimizer", {o: o for o in OPTIMIZERS})
 Progress = Enum("Progress", {"auto": "auto", "bar": "bar", "log": "log", "none": "none"})
 
 

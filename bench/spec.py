@@ -14,6 +14,7 @@ import numpy as np
 from bench.activations import ACTIVATIONS, OUTPUTS
 
 NORMS = ("none", "batchnorm")  # batch norm's forward and backward are written out in each network
+OPTIMIZERS = ("sgd", "adam")  # written out in bench.train: the 1986 momentum SGD, and Adam
 BN_EPS = 1e-5  # batch norm: added to the batch variance before the square root (torch's default)
 BN_MOMENTUM = 0.1  # batch norm: running = (1 - m) running + m batch (torch's convention)
 
@@ -124,7 +125,7 @@ class TrainSpec:
     log_every: int = 1  # statistics at steps 0, k, 2k, ... and always the last step (1: every step)
     dtype: str = "float64"
     device: str = "cpu"
-    optimizer: str = "sgd"  # sgd | adam (bench.train.OPTIMIZERS)
+    optimizer: str = "sgd"  # a name in OPTIMIZERS
     adam_beta1: float | None = None  # Adam's moment decay rates and denominator guard (adam only)
     adam_beta2: float | None = None
     adam_eps: float | None = None

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bench.record import Recorder, layer_stats, snapshot, update_stats
-from bench.spec import NetSpec, TrainSpec
+from bench.spec import OPTIMIZERS, NetSpec, TrainSpec
 from bench.tasks import Task, correct
 
 BACKENDS = ("numpy", "torch")
@@ -134,8 +134,9 @@ class SGD(Optimizer):
 
 
 class Adam(Optimizer):
-    """Adam (Kingma & Ba 2015) with bias correction, in torch.optim.Adam's order of operations (its
-    foreach path with weight_decay=0, so the two agree to the last bit or so):
+    """Adam (Kingma & Ba 2015) with bias correction, in torch.optim.Adam's order of operations (with
+    weight_decay=0; tests/test_adam.py: the torch backend's is torch.optim.Adam's to the bit, the NumPy
+    one's within ~1e-14 relative after 50 steps, torch fusing its lerp):
 
         m += (1 - beta1) (g - m)               (torch's lerp: m = beta1 m + (1 - beta1) g)
         v  = beta2 v + (1 - beta2) g g
@@ -185,9 +186,6 @@ class Adam(Optimizer):
         torch._foreach_div_(denom, bc2_sqrt)
         torch._foreach_add_(denom, self.eps)
         torch._foreach_addcdiv_(self.p_list, m_list, denom, neg_step)
-
-
-OPTIMIZERS = ("sgd", "adam")
 
 
 def make_optimizer(net, train: TrainSpec) -> Optimizer:

@@ -152,9 +152,10 @@ def test_config_choices_are_the_registries():
     from bench.activations import ACTIVATIONS
     from bench.init import SCHEMES
     from bench.losses import LOSSES
-    from bench.spec import NORMS
+    from bench.spec import NORMS, OPTIMIZERS
 
     assert [e.value for e in config.ActivationName] == list(ACTIVATIONS)
     assert [e.value for e in config.Init] == list(SCHEMES)
     assert [e.value for e in config.Norm] == list(NORMS)
+    assert [e.value for e in config.Optimizer] == list(OPTIMIZERS)
     assert [e.value for e in config.LossName] == ["auto", *LOSSES]
