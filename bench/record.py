@@ -63,7 +63,8 @@ def update_stats(net, before, stats: np.ndarray) -> None:
 
         with torch.no_grad():
             torch._foreach_sub_(before, list(net.params.values()))  # w(t) - w(t+1): the sign goes in the square
-            u = torch.stack([(d * d).reshape(E, -1).sum(1).sqrt() for d in before]).to(torch.float64).cpu().numpy()
+            u = torch.stack([torch.linalg.vector_norm(d.reshape(E, -1), dim=1) for d in before])
+            u = u.to(torch.float64).cpu().numpy()
     j = STATS.index("update_norm")
     w = stats[:, :, STATS.index("weight_norm")]
     stats[:, :, j] = u
