@@ -2,7 +2,8 @@
 
 A long job keeps its work in ``results_dir/<name>/running/<job_id>/`` until it ends:
 
-    state.pkl                 the last checkpoint: parameters, optimizer velocities, batch-norm buffers,
+    state.pkl                 the last checkpoint: parameters, optimizer state (SGD's velocities; Adam's
+                              moments and step count), batch-norm buffers,
                               the mini-batch generators' states, the loop's bookkeeping (alive, diverged,
                               solved, last metrics), the next step, and how many row parts it covers
     runs/running.parquet      the job's runs rows with status `running` (load(..., running=True) reads them)
@@ -46,8 +47,8 @@ def capture(net, opt, batches) -> dict:
         buffers = {k: _np(v) for k, v in net.named_buffers()}
     else:
         buffers = {k: _np(v) for k, v in net.buffers.items()}
-    state = {"params": {k: _np(v) for k, v in net.params.items()},
-             "velocity": {k: _np(v) for k, v in opt.velocity.items()}, "buffers": buffers}
+    state = {"params": {k: _np(v) for k, v in net.params.items()}, "buffers": buffers,
+             "optimizer": {"t": opt.t, **{s: {k: _np(v) for k, v in d.items()} for s, d in opt.state.items()}}}
     if not batches.full:
         state["rngs"] = [rng.bit_generator.state for rng in batches.rngs]
         state["order"] = None if batches.order is None else batches.order.copy()
@@ -57,19 +58,13 @@ def capture(net, opt, batches) -> dict:
 def restore(net, opt, batches, state: dict) -> None:
     """Write a `capture` back in place (the optimizer and layers keep views of these arrays)."""
     if hasattr(net, "named_buffers"):
-        import torch
-
         net.load_state(state["params"], state["buffers"])
-        with torch.no_grad():
-            for k, v in opt.velocity.items():
-                v.copy_(torch.from_numpy(state["velocity"][k]).to(v.device))
     else:
         for k, p in net.params.items():
             p[...] = state["params"][k]
-        for k, v in opt.velocity.items():
-            v[...] = state["velocity"][k]
         for k in list(net.buffers):
             net.buffers[k] = state["buffers"][k].copy()  # the layers read the dict entry each step
+    opt.load_state(state["optimizer"])
     if not batches.full:
         for rng, s in zip(batches.rngs, state["rngs"]):
             rng.bit_generator.state = s

@@ -26,7 +26,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from bench.losses import LOSSES
 from bench.plugins import PluginError, resolve_activation, resolve_init
-from bench.spec import NORMS, RESIDUAL_SCALES, NetSpec, TrainSpec
+from bench.spec import NORMS, OPTIMIZERS, RESIDUAL_SCALES, NetSpec, TrainSpec
 from bench.tasks import MAKERS, Task, make_task
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the repository's conf/ (install with pip -e)
@@ -48,6 +48,7 @@ ResidualScale = Enum("ResidualScale", {s: s for s in RESIDUAL_SCALES})
 LossName = Enum("LossName", {n: n for n in ("auto", *LOSSES)})
 DType = Enum("DType", {"float64": "float64", "float32": "float32"})
 Device = Enum("Device", {"cpu": "cpu", "cuda": "cuda"})
+Optimizer = Enum("Optimizer", {o: o for o in OPTIMIZERS})
 Progress = Enum("Progress", {"auto": "auto", "bar": "bar", "log": "log", "none": "none"})
 
 
@@ -97,6 +98,10 @@ class TrainConfig:
     loss: LossName = LossName.auto  # auto: the loss the task was posed with; see bench/losses.py
     dtype: DType = DType.float64
     device: Device = Device.cpu  # cuda: torch backend only
+    optimizer: Optimizer = Optimizer.sgd  # sgd: the 1986 rule above; adam: torch.optim.Adam's (momentum must be 0)
+    adam_beta1: float = 0.9  # Adam's first-moment decay: Kingma & Ba's (and torch's) default
+    adam_beta2: float = 0.999  # second-moment decay: their default
+    adam_eps: float = 1e-8  # added to sqrt(v): their default, keeps the step finite where v ~ 0
 
 
 @dataclass
@@ -173,7 +178,8 @@ def specs_from(cfg: DictConfig, task: Task) -> tuple[NetSpec, TrainSpec]:
     train = TrainSpec(steps=t.steps, lr=t.lr, momentum=t.momentum, momentum_initial=t.momentum_initial,
                       initial_steps=t.initial_steps, lr_initial=t.lr_initial, weight_decay=t.weight_decay,
                       batch_size=t.batch_size, loss=loss, log_every=cfg.log.every, dtype=_enum(t.dtype),
-                      device=_enum(t.device))
+                      device=_enum(t.device), optimizer=_enum(t.optimizer), adam_beta1=t.adam_beta1,
+                      adam_beta2=t.adam_beta2, adam_eps=t.adam_eps)
     return net, train
 
 
@@ -231,6 +237,13 @@ def validate(cfg: DictConfig) -> tuple[Task, NetSpec, TrainSpec]:
     for key in ("momentum", "momentum_initial"):
         v = t[key]
         _need(v is None or (math.isfinite(v) and 0 <= v < 1), f"train.{key}={v}: must be in [0, 1)")
+    if _enum(t.optimizer) == "adam":
+        for key, off in (("momentum", 0), ("momentum_initial", "null")):  # Adam's momentum is its beta1
+            _need(not t[key], f"train.{key}={t[key]}: must be {off} with train.optimizer=adam (its momentum "
+                  f"is train.adam_beta1); set train.{key}={off} or train.optimizer=sgd")
+    for key in ("adam_beta1", "adam_beta2"):
+        _need(math.isfinite(t[key]) and 0 <= t[key] < 1, f"train.{key}={t[key]}: must be in [0, 1)")
+    _need(_finite_positive(t.adam_eps), f"train.adam_eps={t.adam_eps}: must be a finite number > 0")
     _need(math.isfinite(t.weight_decay) and 0 <= t.weight_decay < 1,
           f"train.weight_decay={t.weight_decay}: must be in [0, 1) (a fraction shrunk per update)")
     _need(t.steps >= 1, f"train.steps={t.steps}: must be >= 1")
@@ -314,8 +327,8 @@ def _check_results_dir(results_dir: str, name: str) -> None:
 
 
 # Bytes a logged row costs at the peak while the tables are built: the recorder's per-step arrays,
-# the columns made from them, the Arrow table and its sorted copy (a layers row is 11 values of 8 B).
-ROW_BYTES_MEMORY = 4 * 88
+# the columns made from them, the Arrow table and its sorted copy (a layers row is 13 values of 8 B).
+ROW_BYTES_MEMORY = 4 * 104
 # Bytes a row takes on disk: zstd over float64 statistics saves little (bench.perf P6: ~50 B per
 # layers row); rounded up so that a run refused for disk space would really not have fit.
 ROW_BYTES_DISK = 64
@@ -333,7 +346,7 @@ def rows_per_logged_step(net: NetSpec) -> int:
 
 def estimate_bytes(net: NetSpec, train: TrainSpec, task: Task, members: int,
                    logged_in_memory: int | None = None) -> int:
-    """Rough peak memory of one job: parameters, grads, velocities, cached activations, and the
+    """Rough peak memory of one job: parameters, grads, optimizer state, cached activations, and the
     logged rows held in memory (all of them, or `logged_in_memory` logged steps where rows stream to
     disk in chunks). Arithmetic only: no loop over members or steps, so any size is estimated at once."""
     itemsize = 8 if train.dtype == "float64" else 4
@@ -344,7 +357,10 @@ def estimate_bytes(net: NetSpec, train: TrainSpec, task: Task, members: int,
     activations = 8 * batch * units
     logged = logged_steps(train) if logged_in_memory is None else min(logged_in_memory, logged_steps(train))
     rows = logged * rows_per_logged_step(net) * ROW_BYTES_MEMORY
-    return members * (itemsize * (4 * n_params + activations) + rows)
+    # per parameter entry: itself, its gradient, a temporary, its copy before a logged update, and the
+    # optimizer's state (SGD: a velocity; Adam: two moments)
+    per_param = 4 + (2 if train.optimizer == "adam" else 1)
+    return members * (itemsize * (per_param * n_params + activations) + rows)
 
 
 def estimate_disk_bytes(net: NetSpec, train: TrainSpec, members: int) -> int:

@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from bench.init import init_params
+from bench.record import STATS
 from bench.spec import NetSpec, TrainSpec
 from bench.tasks import Task, make_task
 from bench.train import train
@@ -374,7 +375,7 @@ def synthetic_layers(n_rows, n_runs, seed=0, job=0):
             "step": np.tile(np.repeat(np.arange(n_steps) * 10, rows_per_step), n_runs).astype(np.int64),
             "layer": np.tile(np.repeat(np.arange(1, 11), 2), n_runs * n_steps).astype(np.int64),
             "param": np.tile(np.array(["weight", "bias"], dtype=object), n // 2)}
-    for k in ("grad_norm", "grad_mean_abs", "weight_norm", "delta_norm", "act_mean", "act_std", "act_saturation"):
+    for k in STATS:
         cols[k] = rng.lognormal(0.0, 2.0, n)
     return cols
 

@@ -9,6 +9,11 @@ and for the layer the parameter belongs to (repeated on each of its parameter ro
   act_mean/std   mean and standard deviation of the layer's activations h = phi(norm(z))
   act_saturation fraction of units x cases where phi'(z) < 5% of phi's largest slope: a saturated
                  sigmoid/tanh unit, or a dead (inactive) relu unit; NaN for softmax/identity outputs.
+and, for the update the optimizer applies after this step's gradient (weight decay included):
+  update_norm    ||w(t+1) - w(t)||, the difference of the stored parameters (an update below w's
+                 rounding is 0 here); NaN at the last step, which applies no update
+  update_ratio   update_norm / weight_norm; NaN where the parameter is 0 (a zero-initialised bias at
+                 step 0: no relative size), so that means over rows skip it
 Entries of a block-diagonal first layer that do not exist (masked to 0) are not counted in means.
 """
 
@@ -20,7 +25,8 @@ from bench.activations import SATURATED
 
 PARAM_STATS = ("grad_norm", "grad_mean_abs", "weight_norm")
 LAYER_STATS = ("delta_norm", "act_mean", "act_std", "act_saturation")
-STATS = PARAM_STATS + LAYER_STATS
+UPDATE_STATS = ("update_norm", "update_ratio")
+STATS = PARAM_STATS + LAYER_STATS + UPDATE_STATS
 
 
 def row_layout(spec):
@@ -29,8 +35,41 @@ def row_layout(spec):
 
 
 def layer_stats(net) -> np.ndarray:
-    """Statistics of the network's last training backward pass: (n_params, E, len(STATS)) float64."""
+    """Statistics of the network's last training backward pass: (n_params, E, len(STATS)) float64.
+    The update columns are NaN: `update_stats` fills them once the update has been applied."""
     return numpy_layer_stats(net) if net.xp is np else torch_layer_stats(net)
+
+
+def snapshot(net):
+    """The parameters as they are now, for `update_stats` after the update (a copy of the flat
+    buffer in NumPy, one tensor per parameter in torch)."""
+    if net.xp is np:
+        return net.flat_params.copy()
+    import torch
+
+    with torch.no_grad():
+        return torch._foreach_mul(list(net.params.values()), 1.0)  # exact copies, one op for all
+
+
+def update_stats(net, before, stats: np.ndarray) -> None:
+    """Fill `stats`' update columns (in place) with ||w(t+1) - w(t)|| against `snapshot`'s w(t)."""
+    E = stats.shape[1]
+    if net.xp is np:
+        np.subtract(net.flat_params, before, out=before)
+        np.multiply(before, before, out=before)
+        u = np.sqrt(np.add.reduceat(before, _segment_starts(net, E)).reshape(-1, E))
+    else:
+        import torch
+
+        with torch.no_grad():
+            torch._foreach_sub_(before, list(net.params.values()))  # w(t) - w(t+1): the sign goes in the square
+            u = torch.stack([torch.linalg.vector_norm(d.reshape(E, -1), dim=1) for d in before])
+            u = u.to(torch.float64).cpu().numpy()
+    j = STATS.index("update_norm")
+    w = stats[:, :, STATS.index("weight_norm")]
+    stats[:, :, j] = u
+    with np.errstate(divide="ignore", invalid="ignore"):
+        stats[:, :, j + 1] = np.where(w > 0, u / w, np.nan)
 
 
 def _saturated(act, n, h, xp):
@@ -44,7 +83,7 @@ def numpy_layer_stats(net) -> np.ndarray:
     """The NumPy network's statistics, from its layers' caches and its flat gradient buffer."""
     spec = net.spec
     E = net.params[net.names[0]].shape[0]
-    out = np.empty((len(net.names), E, len(STATS)))
+    out = np.full((len(net.names), E, len(STATS)), np.nan)
     per_layer = {}
     for li, layer in enumerate(net.layers):
         h = layer.h.reshape(E, -1)
@@ -75,7 +114,7 @@ def numpy_layer_stats(net) -> np.ndarray:
     out[:, :, 1] = g1 / count[:, None]
     out[:, :, 2] = np.sqrt(w2)
     for r, (layer, _) in enumerate(layout):
-        out[r, :, 3:] = np.stack(per_layer[layer], 1)
+        out[r, :, 3:3 + len(LAYER_STATS)] = np.stack(per_layer[layer], 1)
     return out
 
 
@@ -109,12 +148,14 @@ def torch_layer_stats(net) -> np.ndarray:
                                              h.std(1, correction=0), sat], 1)
         mask = spec.first_layer_mask()
         rows = []
+        w0 = net.params[net.names[0]]
+        pending = torch.full((E, len(UPDATE_STATS)), float("nan"), dtype=w0.dtype, device=w0.device)  # update_stats
         for name, (layer, kind) in zip(net.names, row_layout(spec)):
             p = net.params[name]
             g, w = p.grad.reshape(E, -1), p.reshape(E, -1)
             count = float(mask.sum()) if (layer == 1 and kind == "weight" and mask is not None) else g.shape[1]
             rows.append(torch.cat([torch.stack([(g * g).sum(1).sqrt(), g.abs().sum(1) / count,
-                                                (w * w).sum(1).sqrt()], 1), per_layer[layer]], 1))
+                                                (w * w).sum(1).sqrt()], 1), per_layer[layer], pending], 1))
         return torch.stack(rows).to(torch.float64).cpu().numpy()
 
 

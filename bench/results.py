@@ -40,7 +40,9 @@ if TYPE_CHECKING:
 
 # bump when a column changes meaning or type; readers skip other versions.
 # 2: steps.loss became the whole training set's evaluation-mode loss (the batch's is steps.batch_loss)
-SCHEMA_VERSION = 2
+# 3: runs.optimizer, runs.method, runs.residual_scale; layers.update_norm and layers.update_ratio (ADDED:
+#    older files still load)
+SCHEMA_VERSION = 3
 _META_VERSION, _META_TABLE = b"vgbench.schema_version", b"vgbench.table"
 
 # Keys that do not change what a run computes: where it is written, how it was launched, how many
@@ -66,6 +68,7 @@ RUNS_SCHEMA = _schema("runs", [
     ("widths", _S),  # JSON list of hidden widths, input side first
     ("residual", _B), ("residual_scale", _S),  # one | inv_sqrt_depth | rezero (only matters when residual)
     ("norm", _S), ("init", _S), ("init_scale", _F), ("init_bias", _F), ("lr", _F),
+    ("optimizer", _S),  # sgd | adam (its betas and eps are in config_json)
     ("momentum", _F), ("weight_decay", _F), ("batch_size", _I),  # null = full batch
     ("loss", _S), ("steps", _I), ("log_every", _I), ("seed", _I),
     ("member", _I),  # index of this run in its job's ensemble
@@ -93,7 +96,16 @@ LAYERS_SCHEMA = _schema("layers", [
     ("param", _S),  # weight | bias | gamma | beta | direct | alpha
     ("grad_norm", _F), ("grad_mean_abs", _F), ("weight_norm", _F), ("delta_norm", _F),
     ("act_mean", _F), ("act_std", _F), ("act_saturation", _F),
+    ("update_norm", _F), ("update_ratio", _F),  # the update applied after this step (bench.record)
 ], nullable=set())
+
+# Columns a schema_version added, with the value a file of an earlier version gets for them when read:
+# such files still load (and `compact` rewrites them at this version). Files before OLDEST_READABLE
+# (or after this code) changed what a column means, and are skipped.
+# every run before version 3 trained with the 1986 SGD, had no method preset and an unscaled residual branch
+ADDED = {3: {"runs": {"optimizer": "sgd", "method": None, "residual_scale": "one"},
+             "layers": {"update_norm": float("nan"), "update_ratio": float("nan")}}}  # not recorded then
+OLDEST_READABLE = 2
 
 RUNNING = "running"  # experiment subfolder: running jobs' checkpoints and streamed parts (bench.checkpoint)
 SCHEMAS = {"runs": RUNS_SCHEMA, "steps": STEPS_SCHEMA, "layers": LAYERS_SCHEMA}
@@ -103,8 +115,8 @@ SORT_KEYS = {"runs": ["run_id"], "steps": ["run_id", "step"],
 # runs columns that describe a run's configuration: what load(config_columns=True) joins on
 CONFIG_COLUMNS = (
     "name", "experiment", "method", "backend", "task", "activation", "depth", "width", "widths", "residual",
-    "residual_scale", "norm", "init", "init_scale", "init_bias", "lr", "momentum", "weight_decay", "batch_size",
-    "loss", "steps", "log_every", "seed", "member", "ensemble", "dtype", "device",
+    "residual_scale", "norm", "init", "init_scale", "init_bias", "optimizer", "lr", "momentum", "weight_decay",
+    "batch_size", "loss", "steps", "log_every", "seed", "member", "ensemble", "dtype", "device",
 )
 _DICT_COLUMNS = ["run_id", "job_id", "param", "step", "layer"]  # repeated values: dictionary pages
 _COMPLETE = ("ok", "diverged")
@@ -406,11 +418,17 @@ def _read_file(path: Path, schema: pa.Schema, names: list[str], dictionary: list
             meta = file_schema.metadata or {}
             if _META_VERSION not in meta:
                 return None, "not a vgbench file (no schema_version in its metadata)"
-            if (version := int(meta[_META_VERSION])) != SCHEMA_VERSION:
-                return None, f"schema_version {version}, this code reads {SCHEMA_VERSION}"
-            if missing := sorted(set(names) - set(file_schema.names)):
+            if not OLDEST_READABLE <= (version := int(meta[_META_VERSION])) <= SCHEMA_VERSION:
+                return None, (f"schema_version {version}, this code reads {SCHEMA_VERSION} "
+                              f"(and from {OLDEST_READABLE} on)")
+            table = schema.metadata[_META_TABLE].decode()
+            fill = {n: v for added, tables in ADDED.items() if added > version
+                    for n, v in tables.get(table, {}).items() if n in names}
+            if missing := sorted(set(names) - set(fill) - set(file_schema.names)):
                 return None, f"missing columns {missing}"
-            t = f.read(columns=names, use_threads=False)  # the thread pool gives the parallelism
+            t = f.read(columns=[n for n in names if n not in fill], use_threads=False)  # the pool gives the parallelism
+            for n, v in fill.items():
+                t = t.append_column(n, pa.repeat(pa.scalar(v, schema.field(n).type), len(t)))
     except KeyError as e:  # read_dictionary names a column the file lacks
         name = e.args[0].decode() if isinstance(e.args[0], bytes) else e.args[0]
         return None, f"missing column {name!r}"

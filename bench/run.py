@@ -189,7 +189,8 @@ def _tables(cfg, net, tspec, members, ids, todo, out, error, wall):
         "widths": json.dumps(list(net.widths)), "residual": net.residual,
         "residual_scale": net.residual_scale, "norm": net.norm,
         "init": _enum(m.init), "init_scale": m.init_scale, "init_bias": m.init_bias, "lr": t.lr,
-        "momentum": t.momentum, "weight_decay": t.weight_decay, "batch_size": t.batch_size, "loss": tspec.loss,
+        "optimizer": tspec.optimizer, "momentum": t.momentum, "weight_decay": t.weight_decay,
+        "batch_size": t.batch_size, "loss": tspec.loss,
         "steps": t.steps, "log_every": cfg.log.every, "ensemble": cfg.ensemble, "dtype": tspec.dtype,
         "device": tspec.device, "error": error, "wall_time_s": wall / E, "git_commit": git_commit(),
     }

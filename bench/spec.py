@@ -15,6 +15,7 @@ import numpy as np
 from bench.activations import ACTIVATIONS, OUTPUTS
 
 NORM_EPS = 1e-5  # batch and layer norm: added to the variance before the square root (torch's default)
+OPTIMIZERS = ("sgd", "adam")  # written out in bench.train: the 1986 momentum SGD, and Adam
 BN_MOMENTUM = 0.1  # batch norm: running = (1 - m) running + m batch (torch's convention)
 
 
@@ -152,11 +153,11 @@ class NetSpec:
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """How to train: 1986 SGD with momentum, dw(t) = -lr dE/dw + momentum dw(t-1).
+    """How to train: 1986 SGD with momentum, dw(t) = -lr dE/dw + momentum dw(t-1), or Adam.
 
     The values a run gets come from the config (bench.config holds the defaults); the defaults here
-    only switch optional features off (no momentum, no schedule, no decay, full batch, statistics at
-    every step, float64 on cpu).
+    only switch optional features off (SGD, no momentum, no schedule, no decay, full batch, statistics
+    at every step, float64 on cpu). Adam's betas and eps have no default here: give them with adam.
     """
 
     steps: int
@@ -171,6 +172,10 @@ class TrainSpec:
     log_every: int = 1  # statistics at steps 0, k, 2k, ... and always the last step (1: every step)
     dtype: str = "float64"
     device: str = "cpu"
+    optimizer: str = "sgd"  # a name in OPTIMIZERS
+    adam_beta1: float | None = None  # Adam's moment decay rates and denominator guard (adam only)
+    adam_beta2: float | None = None
+    adam_eps: float | None = None
 
     def momentum_at(self, step: int) -> float:
         if self.momentum_initial is not None and step < self.initial_steps:

@@ -4,9 +4,12 @@ Step t means "the network after t updates": statistics logged at step t come fro
 backward pass on the parameters after t updates, so step 0 is the network at initialisation and the
 last logged step, `steps`, is the trained network (its gradient is computed and recorded, not applied).
 
-The optimizer is the 1986 paper's: dw(t) = -lr dE/dw(t) + momentum dw(t-1), then every parameter
-shrinks by (1 - weight_decay). It equals torch.optim.SGD(lr, momentum, dampening=0) while lr is
-constant, and is written once for both array types (in-place ops that NumPy and torch share).
+The optimizer (train.optimizer) is the 1986 paper's, sgd: dw(t) = -lr dE/dw(t) + momentum dw(t-1),
+equal to torch.optim.SGD(lr, momentum, dampening=0) while lr is constant; or adam: torch.optim.Adam's
+update, by hand. Either way every parameter then shrinks by (1 - weight_decay) (the 1986 decay, for
+both). Each is written for the NumPy network's flat buffers and for torch's `_foreach` ops.
+At logged steps the update actually applied, ||w(t+1) - w(t)|| per parameter, is recorded beside that
+step's statistics (`bench.record.update_stats`): the parameters are copied before the update, only then.
 
 A member whose loss becomes non-finite or exceeds DIVERGED_LOSS (checked every step) or whose parameters do (checked at
 logged steps) is marked diverged at that step, its statistics stop there and
@@ -20,8 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bench.record import Recorder, layer_stats
-from bench.spec import NetSpec, TrainSpec
+from bench.record import Recorder, layer_stats, snapshot, update_stats
+from bench.spec import OPTIMIZERS, NetSpec, TrainSpec
 from bench.tasks import Task, correct
 
 BACKENDS = ("numpy", "torch")
@@ -44,48 +47,153 @@ def make_network(backend: str, spec: NetSpec, params: dict[str, np.ndarray], tra
     raise ValueError(f"backend={backend!r}; valid choices: {', '.join(BACKENDS)}")
 
 
-class SGD:
-    """Momentum SGD in the 1986 form; one velocity array per parameter, same type as the parameter.
+class Optimizer:
+    """Per-parameter state arrays (`SLOTS`, same type and shape as the parameters) and the update.
 
-    v = momentum v - lr g; p += v; p *= 1 - weight_decay, applied in one of two ways: over the NumPy
-    network's flat buffers (all parameters at once) or with torch's multi-tensor `_foreach` ops.
+    Applied in one of two ways: over the NumPy network's flat buffers (every parameter at once, the
+    state arrays views of one flat buffer each, laid out like the parameters), or with torch's
+    multi-tensor `_foreach` ops. Every rule here is elementwise, so ensemble members never mix.
+    `state` {slot: {name: array}} and `t` (updates applied so far) are what a checkpoint saves.
     """
+
+    SLOTS: tuple[str, ...] = ()
 
     def __init__(self, net):
         self.flat = net.xp is np
-        if self.flat:  # velocities as views of one flat buffer laid out like the parameters
+        self.t = 0
+        if self.flat:
             self.flat_p, self.flat_g = net.flat_params, net.flat_grads
-            self.flat_v, self.tmp = np.zeros_like(self.flat_p), np.empty_like(self.flat_p)
-            self.velocity = {k: self.flat_v[_offset(self.flat_p, p):][:p.size].reshape(p.shape)
-                             for k, p in net.params.items()}
+            self.tmp = np.empty_like(self.flat_p)
+            self.flat_state = {s: np.zeros_like(self.flat_p) for s in self.SLOTS}
+            self.state = {s: {k: buf[_offset(self.flat_p, p):][:p.size].reshape(p.shape)
+                              for k, p in net.params.items()} for s, buf in self.flat_state.items()}
         else:
-            self.velocity = {k: p.detach() * 0 for k, p in net.params.items()}
-            self.p_list, self.v_list = list(net.params.values()), list(self.velocity.values())
+            import torch
+
+            self.p_list = list(net.params.values())
+            self.state = {s: {k: torch.zeros_like(p.detach()) for k, p in net.params.items()} for s in self.SLOTS}
+            self.lists = {s: list(d.values()) for s, d in self.state.items()}
 
     def step(self, params: dict, grads: dict, lr: float, momentum: float, weight_decay: float) -> None:
+        """One update from `grads`, then the 1986 weight decay: every parameter shrinks by (1 - weight_decay)."""
+        self.t += 1
         if self.flat:
-            v = self.flat_v
-            v *= momentum
-            np.multiply(self.flat_g, lr, out=self.tmp)
-            v -= self.tmp
-            self.flat_p += v
+            self._flat_step(lr, momentum)
             if weight_decay:
                 self.flat_p *= 1.0 - weight_decay
             return
         import torch
 
         with torch.no_grad():
-            g_list = [grads[k] for k in params]
-            torch._foreach_mul_(self.v_list, momentum)
-            torch._foreach_sub_(self.v_list, torch._foreach_mul(g_list, lr))
-            torch._foreach_add_(self.p_list, self.v_list)
+            self._foreach_step([grads[k] for k in params], lr, momentum)
             if weight_decay:
                 torch._foreach_mul_(self.p_list, 1.0 - weight_decay)
 
+    def load_state(self, saved: dict) -> None:
+        """Set `t` and every state array, in place, from {"t": t, slot: {name: array}}: a checkpoint's
+        NumPy copies, or another optimizer's `{"t": opt.t, **opt.state}` (the lockstep twin's)."""
+        self.t = saved["t"]
+        for s, d in self.state.items():
+            for k, v in d.items():
+                if self.flat:
+                    v[...] = saved[s][k]
+                else:
+                    import torch
+
+                    with torch.no_grad():
+                        v.copy_(torch.as_tensor(saved[s][k]))
+
     def reset_member(self, k: int, grads: dict) -> None:
-        for name, v in self.velocity.items():
-            v[k] = 0.0
-            grads[name][k] = 0.0  # this step's non-finite gradient must not be applied either
+        """Member k diverged: its state restarts from zero (its parameters are zeroed by the network)."""
+        for slot in self.state.values():
+            for v in slot.values():
+                v[k] = 0.0
+        for g in grads.values():
+            g[k] = 0.0  # this step's non-finite gradient must not be applied either
+
+
+class SGD(Optimizer):
+    """Momentum SGD in the 1986 form: v = momentum v - lr g; p += v (then the weight decay)."""
+
+    SLOTS = ("velocity",)
+
+    def _flat_step(self, lr: float, momentum: float) -> None:
+        v = self.flat_state["velocity"]
+        v *= momentum
+        np.multiply(self.flat_g, lr, out=self.tmp)
+        v -= self.tmp
+        self.flat_p += v
+
+    def _foreach_step(self, g_list: list, lr: float, momentum: float) -> None:
+        import torch
+
+        v_list = self.lists["velocity"]
+        torch._foreach_mul_(v_list, momentum)
+        torch._foreach_sub_(v_list, torch._foreach_mul(g_list, lr))
+        torch._foreach_add_(self.p_list, v_list)
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba 2015) with bias correction, in torch.optim.Adam's order of operations (with
+    weight_decay=0; tests/test_adam.py: the torch backend's is torch.optim.Adam's to the bit, the NumPy
+    one's within ~1e-14 relative after 50 steps, torch fusing its lerp):
+
+        m += (1 - beta1) (g - m)               (torch's lerp: m = beta1 m + (1 - beta1) g)
+        v  = beta2 v + (1 - beta2) g g
+        p += -(lr / (1 - beta1^t)) m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+
+    then the 1986 weight decay (p *= 1 - weight_decay), not torch's L2 term in the gradient. The step
+    count t is the ensemble's: a diverged member's moments restart from zero, its count does not.
+    """
+
+    SLOTS = ("m", "v")
+
+    def __init__(self, net, beta1: float, beta2: float, eps: float):
+        super().__init__(net)
+        self.beta1, self.beta2, self.eps = beta1, beta2, eps
+
+    def _scalars(self, lr: float) -> tuple[float, float]:
+        """(-lr / (1 - beta1^t), sqrt(1 - beta2^t)), as torch computes them in Python floats."""
+        t = float(self.t)
+        return (lr / (1 - self.beta1 ** t)) * -1, (1 - self.beta2 ** t) ** 0.5
+
+    def _flat_step(self, lr: float, momentum: float) -> None:
+        m, v, tmp, g = self.flat_state["m"], self.flat_state["v"], self.tmp, self.flat_g
+        neg_step, bc2_sqrt = self._scalars(lr)
+        np.subtract(g, m, out=tmp)
+        tmp *= 1 - self.beta1
+        m += tmp
+        v *= self.beta2
+        np.multiply(g, 1 - self.beta2, out=tmp)
+        tmp *= g
+        v += tmp
+        np.sqrt(v, out=tmp)
+        tmp /= bc2_sqrt
+        tmp += self.eps
+        np.divide(m, tmp, out=tmp)
+        tmp *= neg_step
+        self.flat_p += tmp
+
+    def _foreach_step(self, g_list: list, lr: float, momentum: float) -> None:
+        import torch
+
+        m_list, v_list = self.lists["m"], self.lists["v"]
+        neg_step, bc2_sqrt = self._scalars(lr)
+        torch._foreach_lerp_(m_list, g_list, 1 - self.beta1)
+        torch._foreach_mul_(v_list, self.beta2)
+        torch._foreach_addcmul_(v_list, g_list, g_list, 1 - self.beta2)
+        denom = torch._foreach_sqrt(v_list)
+        torch._foreach_div_(denom, bc2_sqrt)
+        torch._foreach_add_(denom, self.eps)
+        torch._foreach_addcdiv_(self.p_list, m_list, denom, neg_step)
+
+
+def make_optimizer(net, train: TrainSpec) -> Optimizer:
+    if train.optimizer == "sgd":
+        return SGD(net)
+    if train.optimizer == "adam":
+        return Adam(net, train.adam_beta1, train.adam_beta2, train.adam_eps)
+    raise ValueError(f"train.optimizer={train.optimizer!r}; valid choices: {', '.join(OPTIMIZERS)}")
 
 
 def _offset(flat: np.ndarray, view: np.ndarray) -> int:
@@ -198,9 +306,10 @@ def train(task: Task, spec: NetSpec, tspec: TrainSpec, params: dict[str, np.ndar
 
     on_log(step, losses) is called at every logged step (progress bars); record=False skips the
     per-layer statistics (the loss is still logged), to measure what recording costs.
-    lockstep(step, net, buffers_before, batch_idx, alive, metrics, stats) is called at every logged
+    lockstep(step, net, buffers_before, batch_idx, alive, metrics, stats, opt) is called at every logged
     step, before the update, with what a second network needs to redo the step on exactly these
-    parameters (`bench.twin` uses it to check the torch twin in lockstep).
+    parameters and optimizer state (`bench.twin` uses it to check the torch twin in lockstep); `stats`'
+    update columns are filled in place once the update is applied (NaN at the last step).
     session (a `bench.checkpoint.Session`) resumes from its last checkpoint, saves new ones and
     streams rows out in parts; the returned steps/layers then hold only the rows not yet streamed.
     """
@@ -210,7 +319,7 @@ def train(task: Task, spec: NetSpec, tspec: TrainSpec, params: dict[str, np.ndar
     data = LoggedMetrics(net, task, spec, tspec, record)
     batches = Batches(task.x_train, task.y_train, tspec.batch_size, seeds)
     track_solved = task.kind == "binary" and batches.full  # sweeps to solution, checked every sweep
-    opt = SGD(net)
+    opt = make_optimizer(net, tspec)
     rec = Recorder(spec)
     alive = np.ones(E, bool)
     diverged = np.full(E, -1, np.int64)
@@ -271,18 +380,23 @@ def train(task: Task, spec: NetSpec, tspec: TrainSpec, params: dict[str, np.ndar
             if logged:
                 metrics, stats = data.measure(net, loss_np, y)
                 if record:
-                    rec.log_layers(t, alive, stats)
+                    rec.log_layers(t, alive, stats)  # the same array: its update columns are filled below
                 rec.log_step(t, alive, **metrics)
                 last = metrics
                 if lockstep is not None:
-                    lockstep(t, net, buffers_before, idx, alive, metrics, stats)
+                    lockstep(t, net, buffers_before, idx, alive, metrics, stats, opt)
                 if on_log is not None:
                     on_log(t, metrics["loss"])
-                if session is not None:
-                    session.maybe_flush(rec)
-            if t == last_step or (not alive.all() and not alive.any()):
+            done = t == last_step or not alive.any()
+            if not done:
+                before = snapshot(net) if logged and record else None
+                opt.step(net.params, net.grads, lr_at(t), momentum_at(t), weight_decay)
+                if before is not None:
+                    update_stats(net, before, stats)
+            if logged and session is not None:
+                session.maybe_flush(rec)  # after the update: the rows it streams out are complete
+            if done:
                 break
-            opt.step(net.params, net.grads, lr_at(t), momentum_at(t), weight_decay)
             if session is not None and session.due(t + 1):
                 from bench.checkpoint import capture
 

@@ -14,6 +14,11 @@ relative although both are right to rounding. The twin therefore computes its ow
 compares it on the scale of its terms (`output_delta_diff`), then backpropagates the NumPy network's
 delta, so every per-layer statistic is compared on one and the same starting point.
 
+The update statistics (update_norm, update_ratio) are compared too: the twin's optimizer is loaded with
+the NumPy optimizer's state of that step (SGD's velocities, Adam's moments and step count), applies
+the update from the twin's own gradients, and its ||w(t+1) - w(t)|| is compared with the NumPy one once
+the NumPy update has been applied (at the next logged step, or when the table is read).
+
 How two numbers are compared (one rule per kind of quantity, each with its reason):
   norms, losses      |a - b| / max(|a|, |b|): sums of squares and positive terms, no cancellation, so
                      relative rounding stays ~1e-15 however small the value (vanishing layers included)
@@ -21,6 +26,11 @@ How two numbers are compared (one rule per kind of quantity, each with its reaso
                      is relative to the size of the terms averaged, which act_std measures
   fractions          |a - b| (accuracy, act_saturation): counts over cases, already on the scale 1
   running mean/var   |a - b| / max(|a|, |b|, 1): batch-norm buffers, O(1) by construction
+  update_norm        |a - b| / max(|a|, |b|, 1e-6 ||w||): w(t+1) - w(t) is a difference of stored
+                     weights, each rounded to an ulp of w, so the two engines' updates can differ by
+                     ~1e-16 ||w|| however small the update; below 1e-6 ||w|| that is the scale (at
+                     the 1e-9 limit, a few ulps of w). update_ratio = update_norm / ||w||: the same
+                     rule with the floor 1e-6
   output_delta       max |a - b| / max c (|y| + |d|) g(y) per member: see above
 """
 
@@ -32,27 +42,31 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.record import STATS, row_layout
+from bench.record import STATS, UPDATE_STATS, row_layout, snapshot, update_stats
 from bench.spec import NetSpec, TrainSpec
 from bench.tasks import Task
-from bench.train import LoggedMetrics, make_network, train
+from bench.train import LoggedMetrics, make_network, make_optimizer, train
 
 LIMIT = 1e-9  # float64 lockstep bound: one step's rounding is ~1e-15, so 1e-9 leaves room and still bites
 _FRACTIONS = {"accuracy", "test_accuracy", "act_saturation"}
+UPDATE_FLOOR = 1e-6  # updates below this fraction of ||w|| are compared on that scale (docstring)
 
 
-def rel_diff(quantity: str, a: np.ndarray, b: np.ndarray, act_std: np.ndarray | None = None) -> np.ndarray:
-    """Elementwise difference of two engines' values of `quantity` (see the module docstring)."""
+def rel_diff(quantity: str, a: np.ndarray, b: np.ndarray, ref: np.ndarray | None = None) -> np.ndarray:
+    """Elementwise difference of two engines' values of `quantity` (see the module docstring); `ref`
+    is act_std for act_mean and weight_norm for update_norm."""
     a, b = np.asarray(a, float), np.asarray(b, float)
     diff = np.abs(a - b)
     if quantity in _FRACTIONS:
         out = diff
     elif quantity == "act_mean":
-        out = diff / np.maximum(np.abs(a) + np.abs(act_std), np.finfo(float).tiny)
+        out = diff / np.maximum(np.abs(a) + np.abs(ref), np.finfo(float).tiny)
     elif quantity.startswith("running_"):
         out = diff / np.maximum(np.maximum(np.abs(a), np.abs(b)), 1.0)
     else:
         scale = np.maximum(np.abs(a), np.abs(b))
+        if quantity in UPDATE_STATS:
+            scale = np.maximum(scale, UPDATE_FLOOR * (np.abs(ref) if quantity == "update_norm" else 1.0))
         out = np.where(scale > 0, diff / np.where(scale > 0, scale, 1.0), 0.0)
     both_nan = np.isnan(a) & np.isnan(b)  # e.g. act_saturation of a softmax output: undefined in both
     return np.where(both_nan, 0.0, np.where(np.isnan(out), np.inf, out))
@@ -81,12 +95,15 @@ class Lockstep:
 
     def __init__(self, task: Task, spec: NetSpec, tspec: TrainSpec, params: dict[str, np.ndarray]):
         self.twin = make_network("torch", spec, params, tspec)
+        self.opt = make_optimizer(self.twin, tspec)
         self.data = LoggedMetrics(self.twin, task, spec, tspec, record=True)
         self.layout = row_layout(spec)
-        self.spec, self.loss = spec, tspec.loss
+        self.spec, self.tspec, self.loss = spec, tspec, tspec.loss
         self.rows: list[dict] = []
+        self.pending = None  # (step, NumPy stats, twin stats, alive): the updates still to compare
 
-    def __call__(self, step, net, buffers_before, idx, alive, metrics, stats) -> None:
+    def __call__(self, step, net, buffers_before, idx, alive, metrics, stats, opt) -> None:
+        self._compare_updates()
         twin = self.twin
         twin.load_state(net.params, buffers_before)
         xb, yb = self.data.batch(idx)
@@ -100,13 +117,35 @@ class Lockstep:
             self._add(step, q, rel_diff(q, v[alive], metrics_t[q][alive]), None)
         std = stats[:, alive, STATS.index("act_std")]
         for j, q in enumerate(STATS):
-            d = rel_diff(q, stats[:, alive, j], stats_t[:, alive, j], std)  # (n_params, alive members)
-            self._add(step, q, d, self.layout[int(np.unravel_index(np.argmax(d), d.shape)[0])] if d.size else None)
+            if q not in UPDATE_STATS:
+                self._add_stat(step, q, stats[:, alive, j], stats_t[:, alive, j], std)
         buffers_t = dict(twin.named_buffers())
         for name, b in net.buffers.items():  # after the step: both forwards updated them the same way
             q = name.split(".")[-1]
             d = rel_diff(q, b[alive], twin.to_numpy(buffers_t[name])[alive])
             self._add(step, q, d, (int(name.split(".")[1]) + 1, q))
+        if step < self.tspec.steps:  # the NumPy network applies an update after this step: so does the twin
+            tspec = self.tspec
+            self.opt.load_state({"t": opt.t, **opt.state})
+            before = snapshot(twin)
+            self.opt.step(twin.params, twin.grads, tspec.lr_at(step), tspec.momentum_at(step), tspec.weight_decay)
+            update_stats(twin, before, stats_t)
+            self.pending = (step, stats, stats_t, alive.copy())
+
+    def _compare_updates(self) -> None:
+        """The update statistics of the pending step, now that the NumPy network has filled its own."""
+        if self.pending is None:
+            return
+        step, stats, stats_t, alive = self.pending
+        self.pending = None
+        w = stats[:, alive, STATS.index("weight_norm")]
+        for q in UPDATE_STATS:
+            j = STATS.index(q)
+            self._add_stat(step, q, stats[:, alive, j], stats_t[:, alive, j], w)
+
+    def _add_stat(self, step: int, q: str, a: np.ndarray, b: np.ndarray, ref: np.ndarray) -> None:
+        d = rel_diff(q, a, b, ref)  # (n_params, alive members)
+        self._add(step, q, d, self.layout[int(np.unravel_index(np.argmax(d), d.shape)[0])] if d.size else None)
 
     def _add(self, step: int, quantity: str, d: np.ndarray, where) -> None:
         worst = float(d.max()) if d.size else 0.0
@@ -119,7 +158,9 @@ class Lockstep:
             prev.update(max_rel_diff=worst, layer=layer, param=param)
 
     def table(self) -> pd.DataFrame:
-        return pd.DataFrame(self.rows, columns=["step", "quantity", "max_rel_diff", "layer", "param"])
+        self._compare_updates()
+        table = pd.DataFrame(self.rows, columns=["step", "quantity", "max_rel_diff", "layer", "param"])
+        return table.sort_values("step", kind="stable", ignore_index=True)  # update rows come a step late
 
 
 def lockstep(task: Task, spec: NetSpec, tspec: TrainSpec, params: dict[str, np.ndarray], seeds) -> pd.DataFrame:

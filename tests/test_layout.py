@@ -167,7 +167,7 @@ def test_config_choices_are_the_registries():
     from bench.activations import ACTIVATIONS
     from bench.init import INITS
     from bench.losses import LOSSES
-    from bench.spec import NORMS, RESIDUAL_SCALES
+    from bench.spec import NORMS, OPTIMIZERS, RESIDUAL_SCALES
 
     # activation and init are strings (a plug-in is pkg.module:Name), checked against the registries
     for key, registry in (("activation", ACTIVATIONS), ("init", INITS)):
@@ -176,4 +176,5 @@ def test_config_choices_are_the_registries():
         assert str(err.value).endswith(f"valid choices: {', '.join(registry)}, or a plug-in pkg.module:Name")
     assert [e.value for e in config.Norm] == list(NORMS)
     assert [e.value for e in config.ResidualScale] == list(RESIDUAL_SCALES)
+    assert [e.value for e in config.Optimizer] == list(OPTIMIZERS)
     assert [e.value for e in config.LossName] == ["auto", *LOSSES]

@@ -37,7 +37,7 @@ def _job(seed=0, ensemble=2, created=datetime(2024, 1, 1, tzinfo=UTC), status=No
         "widths": [json.dumps([3, 3])] * ensemble, "residual": [False] * ensemble,
         "residual_scale": ["one"] * ensemble,
         "norm": ["none"] * ensemble, "init": ["uniform"] * ensemble,
-        "init_scale": [0.3] + [None] * (ensemble - 1), "lr": [0.5] * ensemble,
+        "init_scale": [0.3] + [None] * (ensemble - 1), "optimizer": ["sgd"] * ensemble, "lr": [0.5] * ensemble,
         "momentum": [0.9] * ensemble, "weight_decay": [0.0] * ensemble,
         "batch_size": [None] * ensemble, "loss": ["sse_half"] * ensemble,
         "steps": [20] * ensemble, "log_every": [10] * ensemble,
@@ -67,7 +67,7 @@ def _job(seed=0, ensemble=2, created=datetime(2024, 1, 1, tzinfo=UTC), status=No
         "param": [p for *_, p in rows],
         **{c: np.array([mark + k + s / 100 + lay / 10 for k, _, s, lay, _ in rows])
            for c in ("grad_norm", "grad_mean_abs", "weight_norm", "delta_norm", "act_mean",
-                     "act_std", "act_saturation")},
+                     "act_std", "act_saturation", "update_norm", "update_ratio")},
     }
     return jid, rids, runs, steps, layers
 
@@ -92,7 +92,7 @@ def test_round_trip_names_dtypes_values(tmp_path):
     assert dt["created_at"] == "datetime64[us, UTC]"
     assert res.steps.dtypes.astype(str).tolist() == ["str", "str", "int64"] + ["float64"] * 5
     assert res.layers.dtypes.astype(str).tolist() == (
-        ["str", "str", "int64", "int64", "str"] + ["float64"] * 7)
+        ["str", "str", "int64", "int64", "str"] + ["float64"] * 9)
 
     order = np.argsort(rids)
     r = res.runs
@@ -260,6 +260,25 @@ def test_bad_files_skipped_with_warning(tmp_path):
     assert str(good) not in messages
     assert len(res.layers) == 24 and set(res.layers.run_id) == set(rids)
     assert len(res.steps) == 6 and res.runs.run_id.tolist() == sorted(rids)
+
+
+def test_files_of_an_older_readable_version_load_with_the_added_columns_filled(tmp_path):
+    """A version-2 file (before runs.optimizer and layers.update_*) loads without a warning: its runs
+    trained with the 1986 SGD, and its update statistics were not recorded (NaN)."""
+    jid, rids, runs, steps, layers = _job()
+    R.write_job(tmp_path, jid, runs, steps, layers)
+    for table, added in R.ADDED[3].items():
+        path = tmp_path / table / f"{jid}.parquet"
+        t = pq.read_table(path).drop_columns(list(added))
+        pq.write_table(t.replace_schema_metadata({**t.schema.metadata, b"vgbench.schema_version": b"2"}), path)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = R.load(tmp_path, config_columns=["optimizer"])
+    assert res.runs["optimizer"].tolist() == ["sgd", "sgd"] and (res.layers["optimizer"] == "sgd").all()
+    assert len(res.layers) == 24 and res.layers[["update_norm", "update_ratio"]].isna().all().all()
+    assert (res.layers["grad_norm"] > 0).all()
 
 
 def test_foreign_runs_file_does_not_break_resume(tmp_path):

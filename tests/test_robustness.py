@@ -124,6 +124,7 @@ CATALOGUE = [
     (["model.norm=groupnorm"], 2, ["model.norm", "[none, batchnorm, layernorm]"]),
     (["model.residual_scale=half"], 2, ["model.residual_scale", "[one, inv_sqrt_depth, rezero]"]),
     (["train.dtype=float16"], 2, ["train.dtype", "[float64, float32]"]),
+    (["train.optimizer=adamw"], 2, ["train.optimizer", "'adamw'", "[sgd, adam]"]),
     (["task=mnist"], 2, ["task/mnist", "valid choices: digits"]),
     (["experiment=nope"], 2, ["experiment/nope", "valid choices:", "quickstart"]),
     # out-of-range numbers
@@ -142,6 +143,9 @@ CATALOGUE = [
     (["seed=-1"], 2, ["seed=-1", "must be >= 0"]),
     (["train.weight_decay=1"], 2, ["train.weight_decay=1.0", "must be in [0, 1)"]),
     (["model.init_scale=nan"], 2, ["model.init_scale=nan", "finite number >= 0"]),
+    (["train.adam_beta1=1"], 2, ["train.adam_beta1=1.0", "must be in [0, 1)"]),
+    (["train.adam_beta2=-0.5"], 2, ["train.adam_beta2=-0.5", "must be in [0, 1)"]),
+    (["train.adam_eps=0"], 2, ["train.adam_eps=0", "must be a finite number > 0"]),
     (["max_memory_gb=0"], 2, ["max_memory_gb=0", "must be a number > 0"]),
     # impossible combinations
     (["train.device=cuda"], 2, ["train.device=cuda", "needs backend=torch"]),
@@ -151,6 +155,10 @@ CATALOGUE = [
     (["model.norm=layernorm", "model.width=1"], 2, ["model.norm=layernorm", ">= 2 units wide"]),
     (["model.first_layer_blocks=[2,2]"], 2, ["first_layer_blocks", "family_trees"]),
     (["task=family_trees", "model.width=12", "model.first_layer_blocks=[6,5]"], 2, ["must sum to", "12"]),
+    (["train.optimizer=adam", "train.momentum=0.9"], 2, ["train.momentum=0.9", "must be 0 with train.optimizer=adam",
+                                                        "train.adam_beta1"]),
+    (["train.optimizer=adam", "train.momentum_initial=0.5", "train.initial_steps=5"], 2,
+     ["train.momentum_initial=0.5", "must be null with train.optimizer=adam"]),
     (["train.lr_initial=0.01"], 2, ["train.lr_initial=0.01 has no effect", "set train.initial_steps > 0"]),
     # where results go
     (["name=a/b"], 2, ["name='a/b'", "plain folder name", "results_dir"]),

@@ -36,8 +36,11 @@ def test_lockstep_agrees_at_every_logged_step_where_free_running_twins_part():
     assert sorted(table["step"].unique()) == logged
     expected = {"batch_loss", "loss", "accuracy", "test_loss", "test_accuracy", "running_mean", "running_var",
                 "output_delta",
-                "grad_norm", "grad_mean_abs", "weight_norm", "delta_norm", "act_mean", "act_std", "act_saturation"}
+                "grad_norm", "grad_mean_abs", "weight_norm", "delta_norm", "act_mean", "act_std", "act_saturation",
+                "update_norm", "update_ratio"}
     assert set(table["quantity"]) == expected
+    updates = table[table["quantity"] == "update_norm"]["step"]
+    assert updates.tolist() == logged[:-1]  # every logged step but the last, which applies no update
     for step, rows in table.groupby("step"):
         # one float64 step, redone by autograd on the same parameters: only rounding order differs,
         # ~1e-15 per operation through 13 layers; 1e-10 is the bound the issue asks for
