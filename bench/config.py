@@ -99,6 +99,9 @@ class TrainConfig:
 @dataclass
 class LogConfig:
     every: int = 100  # record statistics every k steps (always step 0 and the last step)
+    # layers statistics on disk: float32 (half the bytes; a job holding a value outside float32's range,
+    # a vanished gradient below 1e-38, keeps float64) or float64 (twin runs compared from the tables)
+    stats_dtype: DType = DType.float32
 
 
 @dataclass

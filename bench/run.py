@@ -113,8 +113,10 @@ def run(cfg: DictConfig) -> dict[str, int]:
     rid = np.array([ids[k] for k in todo], dtype=object)
     running_runs, _, _ = _tables(cfg, net, tspec, members, ids, todo, None, None, 0.0)
     running_runs["status"] = ["running"] * len(todo)
+    stats_dtype = _enum(cfg.log.stats_dtype)
     session = Session(exp_dir, job, lambda st, la: (results.sorted_table("steps", _rows_of(st, rid, "steps"), job),
-                                                   results.sorted_table("layers", _rows_of(la, rid, "layers"), job)),
+                                                   results.sorted_table("layers", _rows_of(la, rid, "layers"), job,
+                                                                        stats_dtype)),
                       running_runs, cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes)
     if cfg.overwrite:
         session.remove()  # retrain from scratch, not from an old checkpoint
@@ -151,7 +153,7 @@ def run(cfg: DictConfig) -> dict[str, int]:
         if out is not None and session.parts:  # rows streamed out: the rest becomes the last part
             session.write_rows(out.steps, out.layers)
             parts = {t: session.part_files(t) for t in ("steps", "layers")}
-        results.write_job(exp_dir, job, runs, steps, layers, parts=parts)
+        results.write_job(exp_dir, job, runs, steps, layers, parts=parts, stats_dtype=stats_dtype)
     except OSError as e:  # write_job leaves no partial file and the job uncommitted: a rerun redoes it
         raise cli.ResultsWriteError(e.errno, f"could not write results to {exp_dir}: "
                                     f"{e.strerror or e}") from e
