@@ -549,7 +549,10 @@ def _to_pandas(t: pa.Table) -> pd.DataFrame:
 
     # Nullable int columns (batch_size, diverged_step, solved_step) become pandas Int64 whether or
     # not this load happens to contain a null; required ints stay int64, strings load as str.
+    # (split_blocks=True would be zero-copy, but its columns are read-only: df.loc[...] = x would fail)
     nullable_int = [f.name for f in t.schema if f.nullable and pa.types.is_integer(f.type)]
+    if not nullable_int:  # steps and layers: no reordering, whose copy cost more than the conversion
+        return t.to_pandas()
     df = t.drop_columns(nullable_int).to_pandas()
     for name in nullable_int:
         df[name] = t.select([name]).to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)[name]
