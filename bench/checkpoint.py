@@ -27,10 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-# bench.results (where running jobs live, how files are written) is imported where used: bench.guard
-# reads CHUNK_ROWS from here, and a refused config should not load pyarrow
-
-CHUNK_ROWS = 50_000  # logged rows held in memory before they are streamed out as a part (~20 MB at the peak)
+from bench.config import CHUNK_ROWS  # logged rows held in memory before they are streamed out as a part
+from bench.results import RUNNING, atomic_file  # where running jobs live, and how files are written
 
 
 def _is_torch(x) -> bool:
@@ -87,8 +85,6 @@ class Session:
 
     def __init__(self, exp_dir, job: str, to_tables, running_runs, every_steps: int | None,
                  every_minutes: float | None, chunk_rows: int | None = None):
-        from bench.results import RUNNING
-
         self.dir = Path(exp_dir) / RUNNING / job
         self.to_tables, self.running_runs = to_tables, running_runs
         self.every_steps, self.every_s = every_steps, None if every_minutes is None else every_minutes * 60
@@ -179,8 +175,6 @@ class Session:
 
     def save(self, next_step: int, rec, loop: dict, train_seconds: float) -> None:
         """Flush the rows so far, then write the state atomically: rows and state agree at every kill."""
-        from bench.results import atomic_file
-
         self.flush(rec)
         self.dir.mkdir(parents=True, exist_ok=True)
         with atomic_file(self.dir / "state.pkl") as f:
