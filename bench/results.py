@@ -471,7 +471,8 @@ def _read_file(path: Path, schema: pa.Schema, names: list[str], dictionary: list
             if _META_VERSION not in meta:
                 return None, "not a vgbench file (no schema_version in its metadata)"
             if (version := int(meta[_META_VERSION])) not in READABLE_VERSIONS:
-                return None, f"schema_version {version}, this code reads {' or '.join(map(str, READABLE_VERSIONS[::-1]))}"
+                readable = " or ".join(map(str, READABLE_VERSIONS[::-1]))
+                return None, f"schema_version {version}, this code reads {readable}"
             if missing := sorted(set(names) - set(file_schema.names)):
                 return None, f"missing columns {missing}"
             t = f.read(columns=names, use_threads=False)  # the thread pool gives the parallelism

@@ -414,7 +414,8 @@ def test_statistics_round_trip(tmp_path, dtype):
         assert got[c].dtype == "float64"
         np.testing.assert_array_equal(got[c].to_numpy(), expected)
     R.compact(tmp_path)  # compaction stores what the files stored
-    assert _stat_types(next((tmp_path / "layers").glob("*.parquet"))) == {pa.float32() if dtype == "float32" else pa.float64()}
+    stored = pa.float32() if dtype == "float32" else pa.float64()
+    assert _stat_types(next((tmp_path / "layers").glob("*.parquet"))) == {stored}
     pd.testing.assert_frame_equal(R.load(tmp_path).layers, got)
 
 
