@@ -304,8 +304,9 @@ CHUNK_ROWS = 50_000
 # Bytes a logged row costs at the peak while the tables are built: the recorder's per-step arrays,
 # the columns made from them, the Arrow table and its sorted copy (a layers row is 11 values of 8 B).
 ROW_BYTES_MEMORY = 4 * 88
-# Bytes a row takes on disk: zstd over float64 statistics saves little (bench.perf P6: ~50 B per
-# layers row); rounded up so that a run refused for disk space would really not have fit.
+# Bytes a row takes on disk (bench.perf P6, layers rows): ~20 B with float32 statistics (log.stats_dtype's
+# default), ~36 B with float64 on real statistics and ~50 B on random ones; rounded up to cover either,
+# so that a run refused for disk space would really not have fit.
 ROW_BYTES_DISK = 64
 
 
