@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.config import CHUNK_ROWS  # logged rows held in memory before they are streamed out as a part
 from bench.results import RUNNING, atomic_file  # where running jobs live, and how files are written
+from bench.spec import CHUNK_ROWS  # logged rows held in memory before they are streamed out as a part
 
 
 def _is_torch(x) -> bool:

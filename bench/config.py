@@ -297,10 +297,6 @@ def _check_results_dir(results_dir: str, name: str) -> None:
               f"another name")
 
 
-# Logged rows a job holds in memory before bench.checkpoint streams them out as a part (~20 MB at the
-# peak); here, not in bench.checkpoint, so that bench.guard's estimate imports no pyarrow
-CHUNK_ROWS = 50_000
-
 # Bytes a logged row costs at the peak while the tables are built: the recorder's per-step arrays,
 # the columns made from them, the Arrow table and its sorted copy (a layers row is 11 values of 8 B).
 ROW_BYTES_MEMORY = 4 * 88

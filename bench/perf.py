@@ -405,7 +405,6 @@ def real_layers(quick: bool) -> list[tuple[dict, dict, dict]]:
     from threadpoolctl import threadpool_limits
 
     from bench import results
-    from bench.run import _rows_of
 
     task = make_task("digits")
     steps, E = (10, 2) if quick else (60, 4)
@@ -418,7 +417,8 @@ def real_layers(quick: bool) -> list[tuple[dict, dict, dict]]:
             out = train(task, spec, tspec, init_params(spec, "xavier", seeds), "numpy", seeds)
         rid = np.array([f"{k:04x}{m:012x}" for m in seeds], dtype=object)
         runs, steps_cols = _runs_and_steps(rid)
-        jobs.append((runs, steps_cols, _rows_of(out.layers, rid, "layers")))
+        layers = {"run_id": rid[out.layers["member"]], **{k: v for k, v in out.layers.items() if k != "member"}}
+        jobs.append((runs, steps_cols, layers))
     assert all(set(j[2]) == set(results.SCHEMAS["layers"].names) - {"job_id"} for j in jobs)
     return jobs
 

@@ -18,6 +18,10 @@ BN_EPS = 1e-5  # batch norm: added to the batch variance before the square root 
 BN_MOMENTUM = 0.1  # batch norm: running = (1 - m) running + m batch (torch's convention)
 
 
+# Logged rows a job holds in memory before bench.checkpoint streams them out as a part (~20 MB at the
+# peak); here, low in the layers, so that bench.guard's estimate of them imports no pyarrow
+CHUNK_ROWS = 50_000
+
 @dataclass(frozen=True)
 class NetSpec:
     """A multilayer perceptron: hidden layers `widths`, then one output layer.
