@@ -29,8 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.results import RUNNING, atomic_file  # where running jobs live, and how files are written
-
-CHUNK_ROWS = 50_000  # logged rows held in memory before they are streamed out as a part (~20 MB at the peak)
+from bench.spec import CHUNK_ROWS  # logged rows held in memory before they are streamed out as a part
 
 
 def _is_torch(x) -> bool:

@@ -107,6 +107,9 @@ class TrainConfig:
 @dataclass
 class LogConfig:
     every: int = 100  # record statistics every k steps (always step 0 and the last step)
+    # layers statistics on disk: float32 (half the bytes; a job holding a value outside float32's range,
+    # a vanished gradient below 1e-38, keeps float64) or float64 (twin runs compared from the tables)
+    stats_dtype: DType = DType.float32
 
 
 @dataclass
@@ -329,8 +332,9 @@ def _check_results_dir(results_dir: str, name: str) -> None:
 # Bytes a logged row costs at the peak while the tables are built: the recorder's per-step arrays,
 # the columns made from them, the Arrow table and its sorted copy (a layers row is 13 values of 8 B).
 ROW_BYTES_MEMORY = 4 * 104
-# Bytes a row takes on disk: zstd over float64 statistics saves little (bench.perf P6: ~50 B per
-# layers row); rounded up so that a run refused for disk space would really not have fit.
+# Bytes a row takes on disk (bench.perf P6, layers rows): ~20 B with float32 statistics (log.stats_dtype's
+# default), ~36 B with float64 on real statistics and ~50 B on random ones; rounded up to cover either,
+# so that a run refused for disk space would really not have fit.
 ROW_BYTES_DISK = 64
 
 

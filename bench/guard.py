@@ -15,8 +15,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from bench.checkpoint import CHUNK_ROWS
 from bench.config import ConfigError, estimate_bytes, estimate_disk_bytes, rows_per_logged_step, validate
+from bench.spec import CHUNK_ROWS
 
 MEMORY_FRACTION = 0.7  # without max_memory_gb, a job may use this share of the memory available now
 

@@ -38,10 +38,11 @@ import pyarrow.parquet as pq
 if TYPE_CHECKING:
     import pandas as pd
 
-# bump when a column changes meaning or type; readers skip other versions.
+# bump when a column changes meaning or type; readers skip versions before OLDEST_READABLE or after this one.
 # 2: steps.loss became the whole training set's evaluation-mode loss (the batch's is steps.batch_loss)
-# 3: runs.optimizer, runs.method, runs.residual_scale; layers.update_norm and layers.update_ratio (ADDED:
-#    older files still load)
+# 3: runs.optimizer, runs.method, runs.residual_scale; layers.update_norm and layers.update_ratio;
+#    layers statistics are float32 unless log.stats_dtype=float64 (a file says which in its schema).
+#    Version 2 files (float64 statistics, without the new columns) still load (ADDED)
 SCHEMA_VERSION = 3
 _META_VERSION, _META_TABLE = b"vgbench.schema_version", b"vgbench.table"
 
@@ -90,7 +91,7 @@ STEPS_SCHEMA = _schema("steps", [
     ("test_loss", _F), ("test_accuracy", _F),
 ], nullable={"accuracy", "test_loss", "test_accuracy"})
 
-LAYERS_SCHEMA = _schema("layers", [
+_LAYERS_FLOAT64 = _schema("layers", [
     ("run_id", _S), ("job_id", _S), ("step", _I),
     ("layer", _I),  # 1 = the layer next to the input
     ("param", _S),  # weight | bias | gamma | beta | direct | alpha
@@ -107,8 +108,32 @@ ADDED = {3: {"runs": {"optimizer": "sgd", "method": None, "residual_scale": "one
              "layers": {"update_norm": float("nan"), "update_ratio": float("nan")}}}  # not recorded then
 OLDEST_READABLE = 2
 
+# Statistics (every float column of the layers table) are stored as log.stats_dtype: float32 by default,
+# ~7 significant digits, far finer than any plot or ratio needs and half the bytes; float64 where runs
+# of two backends are compared to 1e-9 from the stored tables. Whatever a file stores, load() returns
+# float64 (float32 values widened exactly).
+STATS_DTYPES = ("float32", "float64")
+
+
+def layers_schema(stats_dtype: str = "float32") -> pa.Schema:
+    """The layers schema with its statistics stored as `stats_dtype` (one of STATS_DTYPES)."""
+    if stats_dtype not in STATS_DTYPES:
+        raise ValueError(f"stats_dtype={stats_dtype!r}: choose one of {', '.join(STATS_DTYPES)}")
+    t = pa.float32() if stats_dtype == "float32" else pa.float64()
+    return pa.schema([f.with_type(t) if pa.types.is_floating(f.type) else f for f in _LAYERS_FLOAT64],
+                     metadata=_LAYERS_FLOAT64.metadata)
+
+
+LAYERS_SCHEMA = layers_schema()  # the default; a reader accepts either width in the statistics columns
+
+
+def schema_of(table: str, stats_dtype: str = "float32") -> pa.Schema:
+    """The schema a table is written with (only the layers table depends on stats_dtype)."""
+    return layers_schema(stats_dtype) if table == "layers" else SCHEMAS[table]
+
 RUNNING = "running"  # experiment subfolder: running jobs' checkpoints and streamed parts (bench.checkpoint)
-SCHEMAS = {"runs": RUNS_SCHEMA, "steps": STEPS_SCHEMA, "layers": LAYERS_SCHEMA}
+SCHEMAS = {"runs": RUNS_SCHEMA, "steps": STEPS_SCHEMA, "layers": LAYERS_SCHEMA}  # as written by default
+READ_SCHEMAS = {**SCHEMAS, "layers": layers_schema("float64")}  # as read: statistics widened to float64
 # the row order of files and of load(); a file already in order saves load() a reordering copy
 SORT_KEYS = {"runs": ["run_id"], "steps": ["run_id", "step"],
              "layers": ["run_id", "step", "layer", "param"]}
@@ -213,25 +238,59 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
         pq.write_table(table, f, **_writer_options(table.schema))
 
 
-def sorted_table(table: str, data, job_id: str) -> pa.Table:
+def sorted_table(table: str, data, job_id: str, stats_dtype: str = "float32") -> pa.Table:
     """Columns (dict or DataFrame) -> the table's schema, sorted; job_id (all tables),
-    schema_version and created_at (runs; now, UTC) are filled in when absent."""
+    schema_version and created_at (runs; now, UTC) are filled in when absent. Layers statistics are
+    stored as `stats_dtype`, except that float32 becomes float64 for a table holding a value float32
+    cannot (see `_fits_float32`)."""
     cols = {c: data[c] for c in data.columns} if hasattr(data, "columns") else dict(data)  # a DataFrame
     n = len(next(iter(cols.values()))) if cols else 0
     cols.setdefault("job_id", [job_id] * n)
     if table == "runs":
         cols.setdefault("schema_version", [SCHEMA_VERSION] * n)
         cols.setdefault("created_at", [datetime.now(UTC)] * n)
-    t = _to_table(cols, SCHEMAS[table], table).sort_by([(k, "ascending") for k in SORT_KEYS[table]])
+    if table == "layers" and stats_dtype == "float32" and not _fits_float32(cols):
+        stats_dtype = "float64"
+    t = _to_table(cols, schema_of(table, stats_dtype), table).sort_by([(k, "ascending") for k in SORT_KEYS[table]])
     if set(t.column("job_id").unique().to_pylist()) - {job_id}:
         raise ValueError(f"{table}.job_id: rows belong to another job than {job_id!r}")
     return t
 
 
+_F32 = np.finfo(np.float32)
+
+
+def _fits_float32(cols: dict) -> bool:
+    """Whether every statistic keeps its order of magnitude in float32: none nonzero below float32's
+    smallest normal number (1.2e-38: a deep net's vanished gradient would become a subnormal or 0)
+    and none finite above its largest (3.4e38: an exploding one would become inf)."""
+    for f in _LAYERS_FLOAT64:
+        if pa.types.is_floating(f.type) and f.name in cols:
+            a = np.abs(np.asarray(cols[f.name], dtype=np.float64))
+            with np.errstate(invalid="ignore"):
+                if ((a > 0) & (a < _F32.tiny)).any() or ((a > _F32.max) & (a < np.inf)).any():
+                    return False
+    return True
+
+
+def _stats_type(schemas) -> str:
+    """The stats_dtype a merge of layers files with these schemas needs: float64 if any stores float64."""
+    return "float64" if any(f.type == pa.float64() for s in schemas for f in s) else "float32"
+
+
+# Float columns stored PLAIN: layer statistics repeated on each of the layer's parameter rows, whose
+# repeats zstd finds only while a value's 4 bytes stay together (measured on real statistics, bench.perf
+# P6: per column 1.8 vs 2.4 B/row for act_mean). Every other float (the per-parameter statistics) is
+# BYTE_STREAM_SPLIT: their exponent bytes are alike, their mantissas noise.
+_PLAIN_FLOATS = frozenset({"act_mean", "delta_norm"})
+
+
 def _writer_options(schema: pa.Schema) -> dict:
-    # byte-stream-split puts the (alike) exponent bytes of floats together: ~7-15% smaller with zstd
+    """Dictionary pages for ids (a few distinct values repeated on many rows), byte-stream-split for
+    floats except _PLAIN_FLOATS, all zstd (default level: higher ones save ~5% and write ~2x slower)."""
     return {"compression": "zstd", "use_dictionary": _DICT_COLUMNS,
-            "use_byte_stream_split": [f.name for f in schema if pa.types.is_floating(f.type)]}
+            "use_byte_stream_split": [f.name for f in schema
+                                      if pa.types.is_floating(f.type) and f.name not in _PLAIN_FLOATS]}
 
 
 def write_part(table: pa.Table, path: Path) -> None:
@@ -250,10 +309,13 @@ def write_running_runs(path: Path, runs) -> None:
     _write_atomic(t, path)
 
 
-def _merge_parts_atomic(parts: list[Path], path: Path, schema: pa.Schema) -> None:
+def _merge_parts_atomic(parts: list[Path], path: Path, table: str) -> None:
     """Write the parts' rows as one file sorted like write_job's: run by run (run_id order), each
-    run's rows part by part (step order). One row group in memory at a time."""
+    run's rows part by part (step order). One row group in memory at a time. Layers statistics stay
+    float32 unless a part had to store float64 (see sorted_table)."""
     files = [pq.ParquetFile(p) for p in parts]
+    schema = (layers_schema(_stats_type(f.schema_arrow for f in files)) if table == "layers"
+              else SCHEMAS[table])
     where: dict[str, list[tuple[int, int]]] = {}
     for i, f in enumerate(files):
         col = f.schema_arrow.get_field_index("run_id")
@@ -268,13 +330,14 @@ def _merge_parts_atomic(parts: list[Path], path: Path, schema: pa.Schema) -> Non
                 for i, g in where[rid]:
                     # one thread: the pool's per-thread arenas would each keep a row group's memory
                     group = files[i].read_row_group(g, use_threads=False)
-                    w.write_table(pa.Table.from_arrays(group.columns, schema=schema))
+                    w.write_table(group.cast(schema))
     finally:
         for f in files:
             f.close()
 
 
-def write_job(exp_dir, job_id: str, runs, steps, layers, parts: dict[str, list[Path]] | None = None) -> None:
+def write_job(exp_dir, job_id: str, runs, steps, layers, parts: dict[str, list[Path]] | None = None,
+              stats_dtype: str = "float32") -> None:
     """Write one job's three tables atomically, runs last (the commit marker), then its runs' done
     markers (the index that `completed` reads).
 
@@ -283,11 +346,12 @@ def write_job(exp_dir, job_id: str, runs, steps, layers, parts: dict[str, list[P
     leaves the job incomplete (it is retried) rather than old runs rows beside new steps.
     ``parts``: {"steps": [...], "layers": [...]} part files a long job streamed out
     (bench.checkpoint); they are merged into the job's files and ``steps``/``layers`` are ignored.
+    ``stats_dtype``: how layers statistics are stored (see STATS_DTYPES and sorted_table).
     """
     exp_dir, tables = Path(exp_dir), {}
     for table, data in (("steps", steps), ("layers", layers), ("runs", runs)):
         if parts is None or table == "runs":
-            tables[table] = sorted_table(table, data, job_id)
+            tables[table] = sorted_table(table, data, job_id, stats_dtype)
     for table in SCHEMAS:
         (exp_dir / table).mkdir(parents=True, exist_ok=True)
     _ensure_index(exp_dir)
@@ -298,7 +362,7 @@ def write_job(exp_dir, job_id: str, runs, steps, layers, parts: dict[str, list[P
     for table in ("steps", "layers", "runs"):
         path = exp_dir / table / f"{job_id}.parquet"
         if parts is not None and table != "runs":
-            _merge_parts_atomic(parts[table], path, SCHEMAS[table])
+            _merge_parts_atomic(parts[table], path, table)
         else:
             _write_atomic(tables[table], path)
     for r, s in zip(rids, status):
@@ -434,15 +498,17 @@ def _read_file(path: Path, schema: pa.Schema, names: list[str], dictionary: list
         return None, f"missing column {name!r}"
     except (OSError, ValueError, TypeError, pa.ArrowException) as e:  # truncated, garbage, ...
         return None, f"unreadable ({type(e).__name__}: {e})"
-    for n, got in zip(t.column_names, t.schema.types):
+    for i, (n, got) in enumerate(zip(t.column_names, t.schema.types)):
         want = schema.field(n).type
-        if got != want and not (pa.types.is_dictionary(got) and got.value_type == want):
+        if got != want and pa.types.is_floating(got) and pa.types.is_floating(want):
+            t = t.set_column(i, n, t.column(i).cast(want))  # float32 statistics: widened exactly
+        elif got != want and not (pa.types.is_dictionary(got) and got.value_type == want):
             return None, f"column {n} is {got}, expected {want}"
     return t.select(names), None
 
 
 def _read_folder(path, table: str, columns=None, dictionary=(), prepare=None) -> list[pa.Table]:
-    schema, names = SCHEMAS[table], list(columns or SCHEMAS[table].names)
+    schema, names = READ_SCHEMAS[table], list(columns or READ_SCHEMAS[table].names)
     folder = Path(path) / table  # hidden names are temp files, as for pyarrow's own discovery
     files = sorted(p for p in folder.glob("*.parquet") if not p.name.startswith((".", "_")))
 
@@ -462,10 +528,10 @@ def load_table(path, table: str, columns: list[str] | None = None) -> pa.Table:
     """Read ``path/table/*.parquet`` file by file and concatenate (an Arrow table, no dedup).
 
     A file that is corrupt, truncated, foreign (no vgbench metadata, missing or mistyped columns)
-    or of another schema_version is skipped with a warning naming it, and the rest is read: one
+    or of a schema_version outside OLDEST_READABLE..SCHEMA_VERSION is skipped with a warning naming it, and the rest is read: one
     killed or stray file should not hide a whole experiment (load() inherits this).
     """
-    schema = pa.schema([SCHEMAS[table].field(n) for n in columns or SCHEMAS[table].names])
+    schema = pa.schema([READ_SCHEMAS[table].field(n) for n in columns or READ_SCHEMAS[table].names])
     parts = _read_folder(path, table, columns)
     return pa.concat_tables([pa.Table.from_arrays(t.columns, schema=schema) for t in parts]
                             or [schema.empty_table()])
@@ -501,7 +567,10 @@ def _to_pandas(t: pa.Table) -> pd.DataFrame:
 
     # Nullable int columns (batch_size, diverged_step, solved_step) become pandas Int64 whether or
     # not this load happens to contain a null; required ints stay int64, strings load as str.
+    # (split_blocks=True would be zero-copy, but its columns are read-only: df.loc[...] = x would fail)
     nullable_int = [f.name for f in t.schema if f.nullable and pa.types.is_integer(f.type)]
+    if not nullable_int:  # steps and layers: no reordering, whose copy cost more than the conversion
+        return t.to_pandas()
     df = t.drop_columns(nullable_int).to_pandas()
     for name in nullable_int:
         df[name] = t.select([name]).to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)[name]
@@ -576,7 +645,7 @@ def _rows(path, table: str, runs: pa.Table, keys: list[str], config: list[str]) 
                 continue
             segments.setdefault(k, []).append((i, int(start), int(stop)))
             last_step[k] = int(steps[stop - 1])
-    schema, ids = SCHEMAS[table], ("run_id", "job_id")
+    schema, ids = READ_SCHEMAS[table], ("run_id", "job_id")
     empty = pa.schema([f for f in schema if f.name not in ids] + [pa.field("__rank", pa.int32())])
     # runs in rank order; back-to-back slices of one file (all of a compacted file) become one slice
     merged: list[list[int]] = []
@@ -603,7 +672,8 @@ def load(path, config_columns: list[str] | bool | None = None, running: bool = F
     steps/layers rows; steps/layers rows without a runs row (a killed job) are dropped. Unreadable,
     foreign or other-version files are skipped with a warning (see load_table). ``config_columns``:
     runs columns to join onto steps and layers by run_id, or True for CONFIG_COLUMNS. Dtypes: str
-    for strings, int64 for required ints, Int64 for nullable ints, float64 (NaN for null), bool,
+    for strings, int64 for required ints, Int64 for nullable ints, float64 (NaN for null; layers
+    statistics stored as float32 are widened exactly), bool,
     datetime64[us, UTC]. Sorted by run_id (then step, layer, param).
 
     ``running=True`` adds the runs of jobs still training (status `running`, see bench.checkpoint)
@@ -653,6 +723,14 @@ def _finish(exp_dir: Path, manifest: Path) -> None:
     manifest.unlink(missing_ok=True)
 
 
+def _file_schemas(paths):
+    for p in paths:
+        try:
+            yield pq.read_schema(p)
+        except (OSError, pa.ArrowException):  # unreadable: load() skips it, and so does compact
+            continue
+
+
 def compact(exp_dir, rows_per_file: int = ROWS_PER_FILE) -> dict[str, tuple[int, int]]:
     """Merge an experiment's per-job files into a few sorted files per table; returns
     {table: (files before, files after)}.
@@ -687,14 +765,15 @@ def compact(exp_dir, rows_per_file: int = ROWS_PER_FILE) -> dict[str, tuple[int,
     token = secrets.token_hex(4)
     new: list[tuple[str, str]] = []
 
+    stats_dtype = _stats_type(_file_schemas(old["layers"]))  # float32 stays float32; float64 is kept
+
     def put(table: str, t: pa.Table, i: int) -> None:
         name = f"compact-{token}-{i:05d}.parquet"
         tmp = exp_dir / table / f".{name}"
-        t = pa.Table.from_arrays(t.columns, schema=SCHEMAS[table])  # with the schema's version metadata
-        floats = [f.name for f in t.schema if pa.types.is_floating(f.type)]
+        schema = schema_of(table, stats_dtype)
+        t = t.cast(schema)  # the schema's types and version metadata (float64 read -> float32 as written)
         with open(tmp, "wb") as f:
-            pq.write_table(t, f, compression="zstd", use_dictionary=_DICT_COLUMNS, use_byte_stream_split=floats,
-                           row_group_size=1 << 20)
+            pq.write_table(t, f, row_group_size=1 << 20, **_writer_options(schema))
             f.flush()
             os.fsync(f.fileno())
         new.append((f"{table}/.{name}", f"{table}/{name}"))

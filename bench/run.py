@@ -23,13 +23,14 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from bench import cli, results
-from bench.checkpoint import Session
+from bench import cli
 from bench.config import CONF_DIR, ConfigError, _enum, register
 from bench.guard import preflight
 from bench.init import init_params
 from bench.spec import NORMS
-from bench.train import train
+
+# bench.results (pyarrow), bench.checkpoint and bench.train are imported where a job runs: a config
+# refused up front (bench.guard, from the Hydra callback) then costs the interpreter, Hydra and numpy only
 
 log = logging.getLogger("bench")
 NON_SEMANTIC = ("report", "max_memory_gb", "checkpoint")  # beyond results.SEMANTIC_EXCLUDE: launch-time settings
@@ -88,8 +89,18 @@ def _describe(cfg: DictConfig, net) -> str:
     return f"{cfg.task.name} {arch} depth {net.depth} {_enum(cfg.backend)} seed {cfg.seed}"
 
 
+def train(*args, **kwargs):
+    """bench.train.train, imported on first use (see the imports above)."""
+    from bench.train import train as _train
+
+    return _train(*args, **kwargs)
+
+
 def run(cfg: DictConfig) -> dict[str, int]:
     """Train the config's ensemble and write its results; returns counts of trained/skipped/failed runs."""
+    from bench import results
+    from bench.checkpoint import Session
+
     task, net, tspec = preflight(cfg)
     semantic = semantic_config(cfg, net, tspec)
     members = [dict(semantic, seed=cfg.seed + k) for k in range(cfg.ensemble)]
@@ -114,8 +125,10 @@ def run(cfg: DictConfig) -> dict[str, int]:
     rid = np.array([ids[k] for k in todo], dtype=object)
     running_runs, _, _ = _tables(cfg, net, tspec, members, ids, todo, None, None, 0.0)
     running_runs["status"] = ["running"] * len(todo)
+    stats_dtype = _enum(cfg.log.stats_dtype)
     session = Session(exp_dir, job, lambda st, la: (results.sorted_table("steps", _rows_of(st, rid, "steps"), job),
-                                                   results.sorted_table("layers", _rows_of(la, rid, "layers"), job)),
+                                                   results.sorted_table("layers", _rows_of(la, rid, "layers"), job,
+                                                                        stats_dtype)),
                       running_runs, cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes)
     if cfg.overwrite:
         session.remove()  # retrain from scratch, not from an old checkpoint
@@ -154,7 +167,7 @@ def run(cfg: DictConfig) -> dict[str, int]:
         if out is not None and session.parts:  # rows streamed out: the rest becomes the last part
             session.write_rows(out.steps, out.layers)
             parts = {t: session.part_files(t) for t in ("steps", "layers")}
-        results.write_job(exp_dir, job, runs, steps, layers, parts=parts)
+        results.write_job(exp_dir, job, runs, steps, layers, parts=parts, stats_dtype=stats_dtype)
     except OSError as e:  # write_job leaves no partial file and the job uncommitted: a rerun redoes it
         raise cli.ResultsWriteError(e.errno, f"could not write results to {exp_dir}: "
                                     f"{e.strerror or e}") from e
@@ -171,6 +184,8 @@ def run(cfg: DictConfig) -> dict[str, int]:
 def _tables(cfg, net, tspec, members, ids, todo, out, error, wall):
     """The three tables' columns for the members trained in this job. The runs columns are the
     results schema's, in its order: a column added there and not given a value here fails loudly."""
+    from bench import results
+
     E = len(todo)
     m, t = cfg.model, cfg.train
     final = out.final if out is not None else {}
@@ -229,6 +244,8 @@ def _params_json(out, E: int) -> list[str | None]:
 
 
 def _empty(table: str) -> dict[str, list]:
+    from bench import results
+
     return {n: [] for n in results.SCHEMAS[table].names if n != "job_id"}
 
 

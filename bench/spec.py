@@ -19,6 +19,10 @@ OPTIMIZERS = ("sgd", "adam")  # written out in bench.train: the 1986 momentum SG
 BN_MOMENTUM = 0.1  # batch norm: running = (1 - m) running + m batch (torch's convention)
 
 
+# Logged rows a job holds in memory before bench.checkpoint streams them out as a part (~20 MB at the
+# peak); here, low in the layers, so that bench.guard's estimate of them imports no pyarrow
+CHUNK_ROWS = 50_000
+
 @dataclass(frozen=True)
 class Norm:
     """What the code needs to know about a normalisation of a hidden layer's pre-activation z (E, B, width).

@@ -10,7 +10,6 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict
 
-from bench import results
 from bench.cli import refuse_on
 from bench.config import check_name
 from bench.guard import preflight
@@ -48,12 +47,16 @@ class SweepSummary(Callback):
                  self.jobs, self.totals["trained"], self.totals["skipped"], self.totals["failed"])
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from bench import results  # here, not at the top: a refused config never loads pyarrow
+
         exp_dir = results.experiment_dir(config.results_dir, config.name)
         log.info("[sweep] done: %d complete runs in %s", results.count_completed(exp_dir), exp_dir)
         if config.get("report"):
             _report(exp_dir)
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from bench import results
+
         if config.get("report"):
             _report(results.experiment_dir(config.results_dir, config.name))
 

@@ -158,7 +158,8 @@ def test_loader_sorts_and_dedups_files_it_did_not_write(tmp_path):
     shutil.copy(path, tmp_path / "layers" / "copy.parquet")  # the same rows twice
     res = R.load(tmp_path, config_columns=["seed"])
     assert len(res.layers) == 24
-    pd.testing.assert_frame_equal(res.layers.drop(columns="seed"), written.to_pandas())
+    # float32 statistics load widened to float64
+    pd.testing.assert_frame_equal(res.layers.drop(columns="seed"), written.cast(R.READ_SCHEMAS["layers"]).to_pandas())
     assert res.layers.seed.tolist() == [int(r == rids[1]) for r in res.layers.run_id]
     assert R.load_table(tmp_path, "layers").num_rows == 48  # the raw reader does not dedup
 
@@ -400,3 +401,70 @@ def test_empty_experiment_has_schema_dtypes(tmp_path):
     assert len(res.runs) == len(res.steps) == len(res.layers) == 0
     assert list(res.layers.columns) == R.LAYERS_SCHEMA.names
     assert res.runs.batch_size.dtype == "Int64" and res.runs.depth.dtype == "int64"
+
+
+# ---- float32 statistics (log.stats_dtype) -----------------------------------------------------------
+def _stat_types(path):
+    schema = pq.read_schema(path)
+    return {schema.field(c).type for c in R.LAYERS_SCHEMA.names if pa.types.is_floating(R.LAYERS_SCHEMA.field(c).type)}
+
+
+def test_schema_statistics_are_the_recorders():
+    from bench.record import STATS
+
+    floats = [f.name for f in R.LAYERS_SCHEMA if pa.types.is_floating(f.type)]
+    assert floats == list(STATS)  # every statistic the recorder makes is stored, as log.stats_dtype says
+    assert {R.LAYERS_SCHEMA.field(c).type for c in floats} == {pa.float32()}
+    assert {R.layers_schema("float64").field(c).type for c in floats} == {pa.float64()}
+
+
+@pytest.mark.parametrize("dtype", R.STATS_DTYPES)
+def test_statistics_round_trip(tmp_path, dtype):
+    """float32 statistics load as the float32 value widened exactly; float64 ones unchanged."""
+    jid, rids, runs, steps, layers = _job(mark=0.1)
+    layers["grad_norm"] = layers["grad_norm"] * np.pi * 1e-30  # a vanishing gradient, still float32's
+    R.write_job(tmp_path, jid, runs, steps, layers, stats_dtype=dtype)
+    assert _stat_types(tmp_path / "layers" / f"{jid}.parquet") == {pa.float32() if dtype == "float32" else pa.float64()}
+    got = R.load(tmp_path).layers
+    want = pd.DataFrame(layers).sort_values(["run_id", "step", "layer", "param"], ignore_index=True)
+    for c in ("grad_norm", "act_mean", "act_saturation"):
+        expected = want[c].to_numpy()
+        if dtype == "float32":
+            expected = expected.astype(np.float32).astype(np.float64)
+        assert got[c].dtype == "float64"
+        np.testing.assert_array_equal(got[c].to_numpy(), expected)
+    R.compact(tmp_path)  # compaction stores what the files stored
+    stored = pa.float32() if dtype == "float32" else pa.float64()
+    assert _stat_types(next((tmp_path / "layers").glob("*.parquet"))) == {stored}
+    pd.testing.assert_frame_equal(R.load(tmp_path).layers, got)
+
+
+@pytest.mark.parametrize("value", [1e-40, 1e39])
+def test_a_value_float32_cannot_hold_keeps_float64(tmp_path, value):
+    """A vanished gradient below float32's smallest normal number (or an exploded one above its
+    largest) would lose its order of magnitude: that job's file stays float64, exact."""
+    jid, _, runs, steps, layers = _job()
+    layers["grad_norm"][3] = value
+    R.write_job(tmp_path, jid, runs, steps, layers)
+    assert _stat_types(tmp_path / "layers" / f"{jid}.parquet") == {pa.float64()}
+    assert value in R.load(tmp_path).layers["grad_norm"].tolist()
+
+
+def test_schema_version_2_float64_files_still_load(tmp_path):
+    """Files of the code before float32 statistics (schema_version 2, float64) load beside new ones."""
+    old_jid, old_rids, *old = _job(seed=0)
+    R.write_job(tmp_path, old_jid, *old, stats_dtype="float64")
+    for table in R.SCHEMAS:
+        p = tmp_path / table / f"{old_jid}.parquet"
+        t = pq.read_table(p)
+        pq.write_table(t.replace_schema_metadata({**t.schema.metadata, b"vgbench.schema_version": b"2"}), p)
+    new_jid, new_rids, *new = _job(seed=10)
+    R.write_job(tmp_path, new_jid, *new)
+    res = R.load(tmp_path)
+    assert set(res.runs.run_id) == {*old_rids, *new_rids} and len(res.layers) == 48
+    old_rows = res.layers[res.layers.run_id.isin(old_rids)].sort_values(["run_id", "step", "layer", "param"])
+    want = pd.DataFrame(old[2]).sort_values(["run_id", "step", "layer", "param"])
+    np.testing.assert_array_equal(old_rows.grad_norm.to_numpy(), want.grad_norm.to_numpy())  # float64, exact
+    R.compact(tmp_path)  # a merge of float64 and float32 files keeps float64
+    assert _stat_types(next((tmp_path / "layers").glob("*.parquet"))) == {pa.float64()}
+    pd.testing.assert_frame_equal(R.load(tmp_path).layers, res.layers)

@@ -109,7 +109,7 @@ def assert_all_whole(exp_dir: Path) -> None:
 CATALOGUE = [
     # unknown keys and typos
     (["model.activaton=relu"], 2, ["unknown key model.activaton", "did you mean model.activation?"]),
-    (["foo=1"], 2, ["unknown key foo", "valid keys there: task, model"]),
+    (["foo=1"], 2, ["unknown key foo", "valid keys there: task, method_name, model"]),
     (["+model.colour=red"], 2, ["unknown key model.colour", "valid keys there"]),
     (["+seeds=3"], 2, ["unknown key seeds", "did you mean seed?"]),
     (["task=parity", "task.bitz=3"], 2, ["unknown key task.bitz", "did you mean task.bits?"]),
