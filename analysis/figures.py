@@ -58,11 +58,11 @@ def set_theme() -> None:
 
 
 def arch_label(residual, norm) -> str:
-    """plain | residual | batchnorm | residual+bn."""
-    bn = str(norm) == "batchnorm"
+    """plain | residual | batchnorm | residual+bn | layernorm | residual+ln."""
+    short = {"batchnorm": "bn", "layernorm": "ln"}.get(str(norm))
     if bool(residual):
-        return "residual+bn" if bn else "residual"
-    return "batchnorm" if bn else "plain"
+        return f"residual+{short}" if short else "residual"
+    return str(norm) if short else "plain"
 
 
 def with_arch(runs: pd.DataFrame) -> pd.DataFrame:
@@ -267,7 +267,7 @@ def gradient_ratio(runs: pd.DataFrame, layers: pd.DataFrame, stat: str = "grad_n
     panels = sorted(set(zip(ratio["task"], ratio["init"])))
     acts = _order(ratio["activation"], ACT_ORDER)
     archs = _order(ratio["arch"], ARCH_ORDER)
-    styles = dict(zip(ARCH_ORDER, ("-", "--", ":", "-.")))
+    styles = dict(zip(ARCH_ORDER, ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3)))))
     colors = dict(zip(acts, sns.color_palette("colorblind", len(acts))))
     n_cols = min(len(panels), 3)
     fig, axes = _grid(int(np.ceil(len(panels) / n_cols)), n_cols, SINGLE if len(panels) == 1 else DOUBLE, 2.6,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from bench.activations import ACTIVATIONS
 
 ACT_ORDER = tuple(ACTIVATIONS)  # the registry's order: every activation a network can use
-ARCH_ORDER = ("plain", "residual", "batchnorm", "residual+bn")
+ARCH_ORDER = ("plain", "residual", "batchnorm", "residual+bn", "layernorm", "residual+ln")
 PROBLEMS = ("xor", "parity", "encoder", "symmetry", "family_trees")  # the 1986 problems, paper order
 
 # The blog post's numbers (REFERENCES.md, "The seed"): loss at steps 0, 5,000, 10,000; final |grad|.

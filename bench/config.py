@@ -169,6 +169,10 @@ def task_from(cfg: DictConfig) -> Task:
 
 def specs_from(cfg: DictConfig, task: Task) -> tuple[NetSpec, TrainSpec]:
     m, t = cfg.model, cfg.train
+    # a plug-in (pkg.module:Name) is loaded, checked and registered once per process, so that a network
+    # rebuilt from a stored config (analysis, the twin) finds it by name as the run did
+    resolve_activation(m.activation)
+    resolve_init(m.init)
     loss = task.loss if _enum(t.loss) == "auto" else _enum(t.loss)
     if loss == "cross_entropy":
         output = "softmax"
