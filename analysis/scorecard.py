@@ -86,13 +86,17 @@ def _layer_norms(runs: pd.DataFrame, layers: pd.DataFrame, depth: int) -> pd.Dat
 
 
 def attenuation_per_run(runs: pd.DataFrame, layers: pd.DataFrame, depth: int = ATTENUATION_DEPTH) -> pd.Series:
-    """run_id -> geometric mean over l = 1..depth-1 of ||delta^l|| / ||delta^(l+1)|| at step 0."""
+    """run_id -> geometric mean over l = 1..depth-1 of ||delta^l|| / ||delta^(l+1)|| at step 0. A delta^1
+    of exactly 0 gives 0 (the gradient vanished); a top delta of exactly 0 gives NaN, not inf (rezero: alpha = 0
+    switches every residual branch off at initialisation, so the branches' deltas are 0 and the ratio says
+    nothing about vanishing)."""
     p = _layer_norms(runs, layers, depth)
     if p.empty or depth < 2:
         return pd.Series(dtype=float)
     d = p["delta_norm"]
-    with np.errstate(divide="ignore", invalid="ignore"):  # a delta of exactly 0 gives 0 or nan, as it is
-        return (d[1] / d[depth]) ** (1.0 / (depth - 1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = (d[1] / d[depth]) ** (1.0 / (depth - 1))
+    return ratio.where(np.isfinite(ratio))
 
 
 def grad_spread_per_run(runs: pd.DataFrame, layers: pd.DataFrame, depth: int = ATTENUATION_DEPTH) -> pd.Series:

@@ -224,3 +224,15 @@ def test_each_method_backward_by_finite_differences_and_twin(method, tmp_path):
     # lockstep: both engines redo each logged step from the same parameters and optimizer state, so
     # only float64 rounding separates them (the twin's own bound, 1e-9)
     assert len(table) and table["max_rel_diff"].max() < 1e-9, table.sort_values("max_rel_diff").tail(3)
+
+
+def test_attenuation_is_empty_where_the_top_delta_is_exactly_zero():
+    """rezero at initialisation: every branch's delta is exactly 0 (alpha = 0), the first layer's is not: the
+    ratio is not a vanishing or exploding rate, so the run gives NaN (not inf) and the others' median stands."""
+    runs, _, layers = synthetic()
+    runs, layers = runs[runs["method"] == "a"], layers.copy()
+    off = layers["run_id"].eq("a-digits-32-0") & layers["layer"].between(2, SC.ATTENUATION_DEPTH)
+    layers.loc[off, "delta_norm"] = 0.0
+    per_run = SC.attenuation_per_run(runs, layers)
+    assert math.isnan(per_run["a-digits-32-0"])
+    assert per_run.drop("a-digits-32-0").tolist() == pytest.approx([0.5, 0.5, 0.8], rel=1e-12)
