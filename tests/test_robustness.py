@@ -486,8 +486,8 @@ def test_sigkill_then_rerun_trains_each_run_once(point, done_before, tmp_path):
 
 def test_ctrl_c_stops_cleanly_with_how_to_resume(tmp_path):
     exp_dir = tmp_path / "c"
-    # each job trains ~1.5 s: interrupt as soon as the first one is committed, in the second
-    proc = run_patched("", ["-m", "seed=0,1,2", "train.steps=40000", "log.every=10000", "progress=none",
+    # each job trains ~4 s on an idle machine: interrupt as soon as the first one is committed, in the second
+    proc = run_patched("", ["-m", "seed=0,1,2", "train.steps=100000", "log.every=25000", "progress=none",
                             f"results_dir={tmp_path}", "name=c"], tmp_path, popen=True)
     deadline = time.monotonic() + 60
     while not list((exp_dir / "runs").glob("*.parquet")) and time.monotonic() < deadline:
@@ -495,7 +495,7 @@ def test_ctrl_c_stops_cleanly_with_how_to_resume(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err[-2000:]
+    assert proc.returncode == 130, (out[-3000:], err[-2000:])
     assert err.strip().splitlines()[-1] == ("interrupted: finished runs are saved; run the same command again "
                                             "to resume (complete runs are skipped)")
     assert "Traceback" not in err
