@@ -196,6 +196,7 @@ class NumpyMLP:
 
     # the few array operations the shared training loop needs, in this backend's types
     xp = np
+    record_deltas = True  # the backward pass keeps every layer's delta anyway (the torch twin retains them on request)
     asarray = staticmethod(np.asarray)
     to_numpy = staticmethod(np.asarray)
 

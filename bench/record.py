@@ -36,40 +36,73 @@ def row_layout(spec):
 
 def layer_stats(net) -> np.ndarray:
     """Statistics of the network's last training backward pass: (n_params, E, len(STATS)) float64.
-    The update columns are NaN: `update_stats` fills them once the update has been applied."""
-    return numpy_layer_stats(net) if net.xp is np else torch_layer_stats(net)
+    The update columns are NaN: `update_stats` fills them once the update has been applied.
+
+    Computed once from what the backward pass left (gradients, deltas, activations): on the host by one
+    NumPy code for both networks (a CPU torch network's tensors are read in place, no copies but its
+    gradients gathered into one buffer), on a GPU by multi-tensor reductions and one copy to the host."""
+    if net.xp is np or net.flat_params.device.type == "cpu":
+        return host_layer_stats(net)
+    return device_layer_stats(net)
 
 
 def snapshot(net):
-    """The parameters as they are now, for `update_stats` after the update (a copy of the flat
-    buffer in NumPy, one tensor per parameter in torch)."""
-    if net.xp is np:
-        return net.flat_params.copy()
-    import torch
-
-    with torch.no_grad():
-        return torch._foreach_mul(list(net.params.values()), 1.0)  # exact copies, one op for all
+    """The parameters as they are now, for `update_stats` after the update: one copy of the network's
+    flat parameter buffer into a buffer kept on the network (allocated once)."""
+    flat = _flat_params(net)
+    before = getattr(net, "_before", None)
+    if before is None:
+        before = net._before = flat.clone() if _is_tensor(flat) else flat.copy()
+    elif _is_tensor(flat):
+        before.copy_(flat)
+    else:
+        np.copyto(before, flat)
+    return before
 
 
 def update_stats(net, before, stats: np.ndarray) -> None:
     """Fill `stats`' update columns (in place) with ||w(t+1) - w(t)|| against `snapshot`'s w(t)."""
     E = stats.shape[1]
-    if net.xp is np:
-        np.subtract(net.flat_params, before, out=before)
-        np.multiply(before, before, out=before)
-        u = np.sqrt(np.add.reduceat(before, _segment_starts(net, E)).reshape(-1, E))
+    flat = _flat_params(net)
+    if _is_tensor(flat):  # on a GPU: one subtraction, one multi-tensor norm, one copy to the host
+        before.sub_(flat)  # w(t) - w(t+1): the sign goes in the square
+        u = _device_norms(_segments(net, before), 2).cpu().numpy()
     else:
-        import torch
-
-        with torch.no_grad():
-            torch._foreach_sub_(before, list(net.params.values()))  # w(t) - w(t+1): the sign goes in the square
-            u = torch.stack([torch.linalg.vector_norm(d.reshape(E, -1), dim=1) for d in before])
-            u = u.to(torch.float64).cpu().numpy()
+        np.subtract(flat, before, out=before)
+        u = np.sqrt(np.add.reduceat(np.multiply(before, before, out=before), _segment_starts(net, E)))
     j = STATS.index("update_norm")
     w = stats[:, :, STATS.index("weight_norm")]
-    stats[:, :, j] = u
+    stats[:, :, j] = u.reshape(-1, E)
     with np.errstate(divide="ignore", invalid="ignore"):
-        stats[:, :, j + 1] = np.where(w > 0, u / w, np.nan)
+        stats[:, :, j + 1] = np.where(w > 0, stats[:, :, j] / w, np.nan)
+
+
+def _is_tensor(x) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+def _flat_params(net):
+    """The flat parameter buffer as NumPy (the NumPy network's; a CPU torch network's, read in place) or,
+    on a GPU, as the tensor."""
+    if net.xp is np:
+        return net.flat_params
+    if net.flat_params.device.type != "cpu":
+        return net.flat_params
+    view = getattr(net, "_flat_np", None)
+    if view is None:
+        view = net._flat_np = net.flat_params.numpy()  # shares memory: always the current parameters
+    return view
+
+
+def _flat_grads(net) -> np.ndarray:
+    """The gradients as one flat NumPy buffer in parameter order: the NumPy network's own; a CPU torch
+    network's (autograd gives each parameter its own gradient tensor) gathered by one concatenation."""
+    if net.xp is np:
+        return net.flat_grads
+    buf = getattr(net, "_flat_g", None)
+    if buf is None:
+        buf = net._flat_g = np.empty_like(_flat_params(net))
+    return np.concatenate([p.grad.numpy().reshape(-1) for p in net.params.values()], out=buf)
 
 
 def _saturated(act, n, h, xp):
@@ -79,42 +112,59 @@ def _saturated(act, n, h, xp):
     return act.dphi(n, h, xp) < SATURATED * act.dphi_max
 
 
-def numpy_layer_stats(net) -> np.ndarray:
-    """The NumPy network's statistics, from its layers' caches and its flat gradient buffer."""
-    spec = net.spec
+def host_layer_stats(net) -> np.ndarray:
+    """The statistics in NumPy, from the layers' caches and the flat buffers (either network on the CPU).
+
+    Every parameter is a contiguous (E, n) block of the flat buffers, so one `reduceat` per statistic sums
+    all (parameter, member) segments at once; squares and absolute values go through one scratch buffer
+    kept on the network (no allocation per logged step)."""
     E = net.params[net.names[0]].shape[0]
-    out = np.full((len(net.names), E, len(STATS)), np.nan)
-    per_layer = {}
+    torch_net = net.xp is not np
+    per_layer = np.empty((len(net.layers), E, len(LAYER_STATS)))
     for li, layer in enumerate(net.layers):
-        h = layer.h.reshape(E, -1)
-        delta = layer.delta.reshape(E, -1)
-        n = h.shape[1]
-        below = _saturated(layer.act, layer.n, layer.h, np)
-        if below is None:
-            sat = np.full(E, np.nan)
+        if torch_net:  # zero-copy NumPy views of the CPU tensors
+            n_, h_, delta_ = layer.n.detach().numpy(), layer.h.detach().numpy(), layer.z.grad.numpy()
         else:
-            sat = np.count_nonzero(below.reshape(E, -1), axis=1) / n  # no float copy of the mask
-        mean = h.mean(1)
+            n_, h_, delta_ = layer.n, layer.h, layer.delta
+        h, delta = h_.reshape(E, -1), delta_.reshape(E, -1)
+        below = _saturated(layer.act, n_, h_, np)
+        mean = np.add.reduce(h, axis=1) / h.shape[1]  # = h.mean(1), without np.mean's Python wrapper
         centred = h - mean[:, None]
+        per_layer[li, :, 0] = np.sqrt(np.vecdot(delta, delta))
+        per_layer[li, :, 1] = mean
         # two-pass variance as np.std, with the square-and-sum fused (no squared temporary)
-        std = np.sqrt(np.vecdot(centred, centred) / n)
-        per_layer[li + 1] = (np.sqrt(np.vecdot(delta, delta)), mean, std, sat)
-    mask = spec.first_layer_mask()
-    layout = row_layout(spec)
-    count = np.array([mask.sum() if (layer == 1 and kind == "weight" and mask is not None)
-                      else net.grads[name][0].size for name, (layer, kind) in zip(net.names, layout)], float)
-    flat_g, flat_w = net.flat_grads, net.flat_params
-    # every parameter is a contiguous (E, n) block of the flat buffers: one reduceat per statistic
-    # sums all (parameter, member) segments at once instead of a few operations per parameter
+        per_layer[li, :, 2] = np.sqrt(np.vecdot(centred, centred) / h.shape[1])
+        # a count, no float copy of the mask; NaN where phi has no saturation statistic
+        per_layer[li, :, 3] = np.nan if below is None else np.count_nonzero(below.reshape(E, -1), axis=1) / h.shape[1]
     starts = _segment_starts(net, E)
-    g2 = np.add.reduceat(flat_g * flat_g, starts).reshape(-1, E)  # (n_params, E)
-    g1 = np.add.reduceat(np.abs(flat_g), starts).reshape(-1, E)
-    w2 = np.add.reduceat(flat_w * flat_w, starts).reshape(-1, E)
-    out[:, :, 0] = np.sqrt(g2)
-    out[:, :, 1] = g1 / count[:, None]
-    out[:, :, 2] = np.sqrt(w2)
-    for r, (layer, _) in enumerate(layout):
-        out[r, :, 3:3 + len(LAYER_STATS)] = np.stack(per_layer[layer], 1)
+    flat_g, flat_w = _flat_grads(net), _flat_params(net)
+    scratch = getattr(net, "_scratch", None)
+    if scratch is None:
+        scratch = net._scratch = np.empty_like(flat_w)
+    grad_norm = np.sqrt(np.add.reduceat(np.multiply(flat_g, flat_g, out=scratch), starts))
+    grad_l1 = np.add.reduceat(np.abs(flat_g, out=scratch), starts)
+    weight_norm = np.sqrt(np.add.reduceat(np.multiply(flat_w, flat_w, out=scratch), starts))
+    return _assemble(net, E, grad_norm, grad_l1, weight_norm, per_layer)
+
+
+def _assemble(net, E: int, grad_norm, grad_l1, weight_norm, per_layer: np.ndarray) -> np.ndarray:
+    """(n_params, E, len(STATS)) rows from per-(parameter, member) ||g||, sum |g| and ||w|| (flat, in
+    parameter-major order) and the (n_layers, E, 4) layer statistics, repeated on the layer's parameter rows."""
+    rows = getattr(net, "_stat_rows", None)
+    if rows is None:  # per parameter row: its entries' count (a block-diagonal first layer's only) and layer
+        layout = row_layout(net.spec)
+        mask = net.spec.first_layer_mask()
+        count = np.array([mask.sum() if (layer == 1 and kind == "weight" and mask is not None)
+                          else np.prod(net.params[name].shape[1:]) for name, (layer, kind) in zip(net.names, layout)],
+                         float)
+        rows = net._stat_rows = (count[:, None], np.array([layer - 1 for layer, _ in layout]))
+    count, layer_of_row = rows
+    out = np.empty((len(net.names), E, len(STATS)))
+    out[:, :, 0] = np.reshape(grad_norm, (-1, E))
+    out[:, :, 1] = np.reshape(grad_l1, (-1, E)) / count
+    out[:, :, 2] = np.reshape(weight_norm, (-1, E))
+    out[:, :, 3:3 + len(LAYER_STATS)] = per_layer[layer_of_row]
+    out[:, :, 3 + len(LAYER_STATS):] = np.nan  # the update columns: `update_stats` fills them
     return out
 
 
@@ -122,41 +172,62 @@ def _segment_starts(net, E: int) -> np.ndarray:
     """Start of each (parameter, member) row in the network's flat buffers, cached on the network."""
     starts = getattr(net, "_stat_starts", None)
     if starts is None:
-        sizes = [net.params[name][0].size for name in net.names]
+        sizes = [int(np.prod(net.params[name].shape[1:])) for name in net.names]
         starts = np.concatenate([[0], np.cumsum(np.repeat(sizes, E))[:-1]]).astype(np.intp)
         net._stat_starts = starts
     return starts
 
 
-def torch_layer_stats(net) -> np.ndarray:
-    """The same statistics as `numpy_layer_stats`, reduced on the tensors' device, one copy to host."""
+def _segments(net, flat) -> list:
+    """Views of a flat tensor laid out like the parameters, one per (parameter, member) in parameter-major
+    order (cached per buffer: views stay valid as the buffer is updated in place)."""
+    cache = net.__dict__.setdefault("_segment_views", {})
+    key = flat.data_ptr()
+    if key not in cache:
+        E = net.params[net.names[0]].shape[0]
+        ends = list(_segment_starts(net, E)[1:]) + [flat.numel()]
+        cache[key] = [flat[a:b] for a, b in zip(_segment_starts(net, E), ends)]
+    return cache[key]
+
+
+def _device_norms(views, ord: int):
+    """The `ord`-norms of all `views` in one multi-tensor call (one kernel on a GPU), as one float64 tensor."""
     import torch
 
-    spec = net.spec
+    return torch.stack(torch._foreach_norm(views, ord)).to(torch.float64)
+
+
+def device_layer_stats(net) -> np.ndarray:
+    """The same statistics as `host_layer_stats` for a torch network on a GPU: four multi-tensor norms for
+    every (parameter | layer, member) at once, a mean/std and a saturation count per layer, one copy to
+    the host (no synchronisation per parameter)."""
+    import torch
+
     E = net.params[net.names[0]].shape[0]
-    per_layer = {}
+    P, L = len(net.names), len(net.layers)
+
+    def members(tensors):
+        return [v for t in tensors for v in t.unbind(0)]
+
     with torch.no_grad():
-        for li, layer in enumerate(net.layers):
+        grads = members(p.grad for p in net.params.values())
+        parts = [_device_norms(grads, 2), _device_norms(grads, 1), _device_norms(_segments(net, net.flat_params), 2),
+                 _device_norms(members(layer.z.grad for layer in net.layers), 2)]
+        for layer in net.layers:
             h = layer.h.reshape(E, -1)
-            delta = layer.z.grad.reshape(E, -1)
+            centred = h - h.mean(1, keepdim=True)
             below = _saturated(layer.act, layer.n, layer.h, torch)
-            if below is None:
-                sat = torch.full((E,), float("nan"), dtype=h.dtype, device=h.device)
-            else:
-                sat = below.reshape(E, -1).to(h.dtype).mean(1)
-            per_layer[li + 1] = torch.stack([(delta * delta).sum(1).sqrt(), h.mean(1),
-                                             h.std(1, correction=0), sat], 1)
-        mask = spec.first_layer_mask()
-        rows = []
-        w0 = net.params[net.names[0]]
-        pending = torch.full((E, len(UPDATE_STATS)), float("nan"), dtype=w0.dtype, device=w0.device)  # update_stats
-        for name, (layer, kind) in zip(net.names, row_layout(spec)):
-            p = net.params[name]
-            g, w = p.grad.reshape(E, -1), p.reshape(E, -1)
-            count = float(mask.sum()) if (layer == 1 and kind == "weight" and mask is not None) else g.shape[1]
-            rows.append(torch.cat([torch.stack([(g * g).sum(1).sqrt(), g.abs().sum(1) / count,
-                                                (w * w).sum(1).sqrt()], 1), per_layer[layer], pending], 1))
-        return torch.stack(rows).to(torch.float64).cpu().numpy()
+            parts += [h.mean(1), torch.linalg.vecdot(centred, centred) / h.shape[1],
+                      torch.full_like(h[:, 0], float("nan")) if below is None else below.reshape(E, -1).sum(1, dtype=h.dtype)]
+        v = torch.cat([t.to(torch.float64) for t in parts]).cpu().numpy()
+    grad_norm, grad_l1, weight_norm = (v[k * P * E:(k + 1) * P * E] for k in range(3))
+    rest = v[3 * P * E:]
+    per_layer = np.empty((L, E, len(LAYER_STATS)))
+    per_layer[:, :, 0] = rest[:L * E].reshape(L, E)
+    per_layer[:, :, 1:] = rest[L * E:].reshape(L, 3, E).transpose(0, 2, 1)
+    per_layer[:, :, 2] = np.sqrt(per_layer[:, :, 2])  # std from the two-pass variance, as np.std
+    per_layer[:, :, 3] /= np.array([layer.h[0].numel() for layer in net.layers])[:, None]  # count -> fraction
+    return _assemble(net, E, grad_norm, grad_l1, weight_norm, per_layer)
 
 
 class Recorder:

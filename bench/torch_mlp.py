@@ -27,6 +27,7 @@ class TorchLayer(nn.Module):
         self.norm = NORMS[spec.norm if self.hidden else "none"]
         self.residual = spec.is_residual(i)
         self.scale = spec.branch_scale(i)  # a residual branch's fixed scale (None: 1, or rezero's alpha)
+        self.keep_delta = True  # retain dLoss/dz (a copy per layer): TorchMLP.record_deltas switches it
         for kind in ("weight", "gamma", "beta", "bias", "direct", "alpha"):  # NetSpec.params() order
             if kind in arrays:
                 setattr(self, kind, nn.Parameter(arrays[kind]))
@@ -59,10 +60,10 @@ class TorchLayer(nn.Module):
                     self.running_var.mul_(1 - m).add_(m * var * B / (B - 1))
             n = self.gamma * (z - mu) / torch.sqrt(var + NORM_EPS) + self.beta
         else:
-            z = z + self.bias
+            z = z.add_(self.bias)  # in place: the matmul's backward does not need its output
             n = z
-        if z.requires_grad:
-            z.retain_grad()  # for the delta statistic, dLoss/dz
+        if self.keep_delta and z.requires_grad:
+            z.retain_grad()  # for the delta statistic, dLoss/dz: only at steps whose statistics are recorded
         h = self.act.phi(n, torch)  # autograd differentiates phi itself
         self.z, self.n, self.h = z, n, h
         return self.output(a, h)
@@ -91,6 +92,16 @@ class TorchMLP(nn.Module):
         self.layers = nn.ModuleList(TorchLayer(spec, i, arrays) for i, arrays in enumerate(per_layer))
         self.params = dict(self.named_parameters())
         assert list(self.params) == self.names, "parameter order must mirror NetSpec.params()"
+        # every parameter becomes a view into one flat buffer (as in the NumPy network): statistics and
+        # snapshots then read all parameters at once; updates stay in place, so the views stay valid
+        self.flat_params = torch.empty(sum(p.numel() for p in self.params.values()), dtype=self.torch_dtype,
+                                       device=self.device)
+        off = 0
+        for p in self.params.values():
+            view = self.flat_params[off:off + p.numel()].view_as(p)
+            view.copy_(p.detach())
+            p.data = view
+            off += p.numel()
 
     def asarray(self, a) -> torch.Tensor:
         # always a copy: torch.as_tensor would share memory with the caller's init arrays and train them
@@ -139,6 +150,17 @@ class TorchMLP(nn.Module):
                 layer.z.grad = None
             out.z.backward(self.asarray(output_delta))
         return losses.detach(), y.detach()
+
+    @property
+    def record_deltas(self) -> bool:
+        return self.layers[0].keep_delta
+
+    @record_deltas.setter
+    def record_deltas(self, on: bool) -> None:
+        """Whether the next backward pass keeps dLoss/dz of every layer (the delta statistic). The training
+        loop switches it off at steps whose statistics are not recorded: retaining costs a copy per layer."""
+        for layer in self.layers:
+            layer.keep_delta = on
 
     @property
     def grads(self) -> dict[str, torch.Tensor]:

@@ -129,7 +129,7 @@ class SGD(Optimizer):
 
         v_list = self.lists["velocity"]
         torch._foreach_mul_(v_list, momentum)
-        torch._foreach_sub_(v_list, torch._foreach_mul(g_list, lr))
+        torch._foreach_add_(v_list, g_list, alpha=-lr)  # v - lr g in one pass, no temporary the size of g
         torch._foreach_add_(self.p_list, v_list)
 
 
@@ -337,6 +337,7 @@ def train(task: Task, spec: NetSpec, tspec: TrainSpec, params: dict[str, np.ndar
     loss_and_grads, to_numpy, last_step = net.loss_and_grads, net.to_numpy, tspec.steps
     lr_at, momentum_at, weight_decay = tspec.lr_at, tspec.momentum_at, tspec.weight_decay
     logged_every = tspec.log_every
+    deltas = net.record_deltas
     last = {}
     start = 0
     if session is not None and (saved := session.resume()) is not None:
@@ -353,6 +354,8 @@ def train(task: Task, spec: NetSpec, tspec: TrainSpec, params: dict[str, np.ndar
             if logged and lockstep is not None:
                 # the twin must start from the buffers this step's training forward is about to update
                 buffers_before = {k: v.copy() for k, v in net.buffers.items()}
+            if deltas != (logged and record):  # torch retains dLoss/dz only where statistics are recorded
+                deltas = net.record_deltas = logged and record
             losses, y = loss_and_grads(xb, yb)
             loss_np = to_numpy(losses)
             if loss_np.dtype != np.float64:
