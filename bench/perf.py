@@ -439,6 +439,9 @@ def _layers_bytes(exp) -> int:
 
 def p6(s: Suite):
     """Layers rows on disk (real statistics, float32 and float64) and load() of a compacted folder."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from bench import results
 
     tmp = Path(tempfile.mkdtemp(prefix="vgbench-perf-p6-"))
@@ -451,10 +454,13 @@ def p6(s: Suite):
                 results.write_job(exp, f"real{j}", runs, steps, layers, stats_dtype=dtype)
             results.compact(exp)  # one file: what a finished experiment holds after `compact`
             b = _layers_bytes(exp) / n_real
+            (path,) = (exp / "layers").glob("*.parquet")
+            stored = {f"float{f.type.bit_width}" for f in pq.read_schema(path) if pa.types.is_floating(f.type)}
             s.add("P6", f"layers on disk, real statistics, {dtype}", "pandas", "bytes/row", b, "B/row",
                   ratio=b / 26, target="<= 26 B/row" if dtype == "float32" else "",
                   met=b <= 26 if dtype == "float32" else None,
-                  note=f"{n_real} rows: digits 64-32x8-10 sigmoid/tanh/relu, every step (log.stats_dtype={dtype})")
+                  note=f"{n_real} rows: digits 64-32x8-10 sigmoid/tanh/relu, every step (log.stats_dtype={dtype}, "
+                       f"stored {'/'.join(sorted(stored))}); one compacted file, its footer included")
 
         n_total = 200_000 if s.quick else 10_000_000
         n_jobs, n_runs = (4, 10) if s.quick else (10, 1000)  # compacted: what load() meets in a big sweep

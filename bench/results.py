@@ -143,7 +143,6 @@ CONFIG_COLUMNS = (
     "residual_scale", "norm", "init", "init_scale", "init_bias", "optimizer", "lr", "momentum", "weight_decay",
     "batch_size", "loss", "steps", "log_every", "seed", "member", "ensemble", "dtype", "device",
 )
-_DICT_COLUMNS = ["run_id", "job_id", "param", "step", "layer"]  # repeated values: dictionary pages
 _COMPLETE = ("ok", "diverged")
 
 
@@ -278,19 +277,42 @@ def _stats_type(schemas) -> str:
     return "float64" if any(f.type == pa.float64() for s in schemas for f in s) else "float32"
 
 
-# Float columns stored PLAIN: layer statistics repeated on each of the layer's parameter rows, whose
-# repeats zstd finds only while a value's 4 bytes stay together (measured on real statistics, bench.perf
-# P6: per column 1.8 vs 2.4 B/row for act_mean). Every other float (the per-parameter statistics) is
-# BYTE_STREAM_SPLIT: their exponent bytes are alike, their mantissas noise.
-_PLAIN_FLOATS = frozenset({"act_mean", "delta_norm"})
+# Encodings and zstd levels, chosen per column on real statistics (bench.perf P6: digits 64-32x8-10,
+# sigmoid/tanh/relu, every step, 13,176 rows after `compact`; bytes per row of each column read from the
+# parquet metadata, float32 statistics; pyarrow 26):
+# - ids (run_id, job_id, param): dictionary pages, ~0.01 B/row each.
+# - step, layer: DELTA_BINARY_PACKED, 0.03 and 0.02 B/row (dictionary pages 0.02 and 0.01 here, but
+#   0.27 B/row for a steps table of 1000 runs x 1001 logged steps and 2.1 for 20 runs x 100,001, where
+#   the delta encoding stays at 0.01).
+# - _REPEATED (per-layer statistics, repeated on each of the layer's parameter rows): PLAIN keeps a
+#   value's 4 bytes together and zstd from level 4 on (4-byte matches) stores each repeat as a match:
+#   delta_norm 1.80, act_mean 1.75, act_std 1.79 B/row, where level 1 finds none (3.62, 3.16, 3.60)
+#   and byte-stream-split hides them (level 1: 3.09, 2.91, 3.08; level 6: 2.70, 2.51, 2.61).
+#   act_saturation (a few distinct values, mostly 0) is byte-stream-split at level 4: 0.63 (level 1 0.72,
+#   PLAIN 0.67, dictionary 0.81).
+# - every other float (the per-parameter statistics; steps and runs floats): byte-stream-split at level 1:
+#   3.04-3.30 B/row, exponent bytes alike and mantissas noise (PLAIN 3.6-3.7, dictionary 5.1-5.4; levels
+#   up to 9 change it by under 1% and write byte-stream-split columns 1.5-3x slower; lz4 decodes ~3x
+#   faster, 2 vs 6 ns a value, but stores 3.12-3.46).
+# - min/max statistics for ids and ints only (row-group pruning on them, the run_id of a part's row
+#   group in _merge_parts_atomic); float ones prune nothing and cost 0.02 B/row of footer here.
+# Total 22.1 B/row, footer included (26.7 before: act_std byte-stream-split, everything at level 1); with
+# float64 statistics 46.2 (49.8). Reading costs the same (zstd decodes as fast at any level); writing a
+# layers table ~30% more (level 4 on four columns: 196 -> 259 ns/row, 1M real-shaped rows, best of 5).
+_REPEATED = {"delta_norm": "PLAIN", "act_mean": "PLAIN", "act_std": "PLAIN", "act_saturation": "BYTE_STREAM_SPLIT"}
+_REPEATED_LEVEL = 4
+_DELTA_INTS = ("step", "layer")
+_DICT_COLUMNS = ("run_id", "job_id", "param")
 
 
 def _writer_options(schema: pa.Schema) -> dict:
-    """Dictionary pages for ids (a few distinct values repeated on many rows), byte-stream-split for
-    floats except _PLAIN_FLOATS, all zstd (default level: higher ones save ~5% and write ~2x slower)."""
-    return {"compression": "zstd", "use_dictionary": _DICT_COLUMNS,
-            "use_byte_stream_split": [f.name for f in schema
-                                      if pa.types.is_floating(f.type) and f.name not in _PLAIN_FLOATS]}
+    """pyarrow writer options for a table of `schema` (see the comment above)."""
+    floats = [f.name for f in schema if pa.types.is_floating(f.type)]
+    encoding = {n: _REPEATED.get(n, "BYTE_STREAM_SPLIT") for n in floats}
+    encoding.update({n: "DELTA_BINARY_PACKED" for n in _DELTA_INTS if n in schema.names})
+    return {"compression": "zstd", "compression_level": {n: _REPEATED_LEVEL for n in _REPEATED if n in floats},
+            "use_dictionary": [n for n in _DICT_COLUMNS if n in schema.names], "column_encoding": encoding,
+            "write_statistics": [n for n in schema.names if n not in floats]}
 
 
 def write_part(table: pa.Table, path: Path) -> None:
@@ -474,8 +496,10 @@ def other_version_files(exp_dir, job_id: str) -> list[tuple[Path, int]]:
     return found
 
 
-def _read_file(path: Path, schema: pa.Schema, names: list[str], dictionary: list[str]):
-    """Return (table, None), or (None, why the file is skipped)."""
+def _read_file(path: Path, schema: pa.Schema, names: list[str], dictionary: list[str], widen: bool = True,
+               threads: bool = False):
+    """Return (table, None), or (None, why the file is skipped). Float columns are cast to `schema`'s
+    (float64) if `widen`, else kept as stored (float32 statistics: load() widens them once, at the end)."""
     try:
         with pq.ParquetFile(path, read_dictionary=dictionary) as f:
             file_schema = f.schema_arrow  # a property that rebuilds the schema: read it once
@@ -490,7 +514,7 @@ def _read_file(path: Path, schema: pa.Schema, names: list[str], dictionary: list
                     for n, v in tables.get(table, {}).items() if n in names}
             if missing := sorted(set(names) - set(fill) - set(file_schema.names)):
                 return None, f"missing columns {missing}"
-            t = f.read(columns=[n for n in names if n not in fill], use_threads=False)  # the pool gives the parallelism
+            t = f.read(columns=[n for n in names if n not in fill], use_threads=threads)
             for n, v in fill.items():
                 t = t.append_column(n, pa.repeat(pa.scalar(v, schema.field(n).type), len(t)))
     except KeyError as e:  # read_dictionary names a column the file lacks
@@ -501,19 +525,23 @@ def _read_file(path: Path, schema: pa.Schema, names: list[str], dictionary: list
     for i, (n, got) in enumerate(zip(t.column_names, t.schema.types)):
         want = schema.field(n).type
         if got != want and pa.types.is_floating(got) and pa.types.is_floating(want):
-            t = t.set_column(i, n, t.column(i).cast(want))  # float32 statistics: widened exactly
+            if widen:
+                t = t.set_column(i, n, t.column(i).cast(want))  # float32 statistics: widened exactly
         elif got != want and not (pa.types.is_dictionary(got) and got.value_type == want):
             return None, f"column {n} is {got}, expected {want}"
     return t.select(names), None
 
 
-def _read_folder(path, table: str, columns=None, dictionary=(), prepare=None) -> list[pa.Table]:
+def _read_folder(path, table: str, columns=None, dictionary=(), prepare=None, widen=True) -> list[pa.Table]:
     schema, names = READ_SCHEMAS[table], list(columns or READ_SCHEMAS[table].names)
     folder = Path(path) / table  # hidden names are temp files, as for pyarrow's own discovery
     files = sorted(p for p in folder.glob("*.parquet") if not p.name.startswith((".", "_")))
 
+    # a file per thread; pyarrow's threads (a column each) too where there are fewer files than cores
+    threads = len(files) < (os.cpu_count() or 1)
+
     def work(p):
-        t, why = _read_file(p, schema, names, [c for c in dictionary if c in names])
+        t, why = _read_file(p, schema, names, [c for c in dictionary if c in names], widen, threads)
         return (t if t is None or prepare is None else prepare(t)), why
 
     with ThreadPoolExecutor(min(16, (os.cpu_count() or 1) + 4)) as pool:  # decoding frees the GIL
@@ -528,8 +556,8 @@ def load_table(path, table: str, columns: list[str] | None = None) -> pa.Table:
     """Read ``path/table/*.parquet`` file by file and concatenate (an Arrow table, no dedup).
 
     A file that is corrupt, truncated, foreign (no vgbench metadata, missing or mistyped columns)
-    or of a schema_version outside OLDEST_READABLE..SCHEMA_VERSION is skipped with a warning naming it, and the rest is read: one
-    killed or stray file should not hide a whole experiment (load() inherits this).
+    or of a schema_version outside OLDEST_READABLE..SCHEMA_VERSION is skipped with a warning naming it,
+    and the rest is read: one killed or stray file should not hide a whole experiment (load() inherits this).
     """
     schema = pa.schema([READ_SCHEMAS[table].field(n) for n in columns or READ_SCHEMAS[table].names])
     parts = _read_folder(path, table, columns)
@@ -578,14 +606,20 @@ def _to_pandas(t: pa.Table) -> pd.DataFrame:
 
 
 def _codes(col: pa.ChunkedArray, code: dict) -> np.ndarray:
-    """``code[value]`` per row of dictionary-encoded ``col``, -1 if absent (no per-row hashing)."""
-    out = [np.array([code.get(v, -1) for v in c.dictionary.to_pylist()], np.int64)[c.indices]
-           for c in col.chunks]
-    return np.concatenate(out) if out else np.zeros(0, np.int64)
+    """``code[value]`` (int32) per row of dictionary-encoded ``col``, -1 if absent (no per-row hashing);
+    the dictionary's own indices where they are the codes already (no copy)."""
+    out = []
+    for c in col.chunks:
+        table = np.array([code.get(v, -1) for v in c.dictionary.to_pylist()], np.int32)
+        indices = c.indices.to_numpy(zero_copy_only=False)
+        out.append(indices if np.array_equal(table, np.arange(len(table))) and indices.dtype == np.int32
+                   else table[indices])
+    return (out[0] if len(out) == 1 else np.concatenate(out)) if out else np.zeros(0, np.int32)
 
 
 def _keep_and_sort(t: pa.Table, run_rank: dict, job_code: dict, run_job: np.ndarray, keys):
-    """One file, in the thread pool: keep the kept (run_id, job_id) rows, sort, ids -> __rank."""
+    """One file, in the thread pool: keep the kept (run_id, job_id) rows, sort, ids -> __rank.
+    `param` stays dictionary-encoded (decoded once, where the rows are put together)."""
     rank = _codes(t["run_id"], run_rank)  # position in the kept runs (sorted by run_id), -1: none
     keep = (rank >= 0) & (_codes(t["job_id"], job_code) == run_job[rank])  # orphans, stale dups
     t = t.drop_columns(["run_id", "job_id"])
@@ -595,7 +629,6 @@ def _keep_and_sort(t: pa.Table, run_rank: dict, job_code: dict, run_job: np.ndar
     if "param" in keys:  # within a file, rank param names against the file's own sorted names
         names = sorted({v for c in t["param"].chunks for v in c.dictionary.to_pylist()})
         sort_by.append(_codes(t["param"], {n: i for i, n in enumerate(names)}))
-        t = t.set_column(t.schema.get_field_index("param"), "param", t["param"].cast(pa.string()))
     if not _is_sorted(sort_by):  # write_job and compact write sorted files: no sort, no copy
         order = np.lexsort(sort_by[::-1])
         t, rank = t.take(order), rank[order]
@@ -622,13 +655,23 @@ def _gather(col: pa.ChunkedArray, rank: pa.Array) -> pa.Array:
     return col.combine_chunks().take(rank)
 
 
-def _rows(path, table: str, runs: pa.Table, keys: list[str], config: list[str]) -> pa.Table:
-    """Steps or layers rows of the kept runs, sorted, with the config columns joined on."""
+# load() of 10M compacted layers rows (bench.perf P6's synthetic folder: 3 files, float32 statistics; a
+# 2-core VM, medians of 5 alternated with the previous code and pd.read_parquet): wall 1.55 s, user CPU
+# 1.31 s, system 0.46 s, where the previous load (statistics cast to float64 per file, then
+# concat_tables + combine_chunks, then to_pandas: three new copies of every column) took 3.38 / 1.80 /
+# 2.71 s and pd.read_parquet 1.95 / 1.58 / 0.51 s. The system time is page faults on fresh memory,
+# dearer than the copies themselves here: hence statistics kept as stored until _frame copies each
+# column once into the array the DataFrame keeps. User time: ~0.6 s decoding (zstd, ~6 ns a float),
+# ~0.2 s _keep_and_sort's checks, ~0.2 s filling the float64 columns, ~0.25 s the three string columns.
+def _slices(path, table: str, runs: pa.Table, keys: list[str]) -> tuple[list[pa.Table], list[list[int]]]:
+    """The files' rows of the kept runs, each file's sorted with `__rank` (the run's row in `runs`)
+    in place of run_id and job_id, and the [file, start, stop) slices that, in order, are the rows
+    of `runs`, sorted. Statistics stay as stored (float32 or float64)."""
     ids, jobs = runs["run_id"].to_pylist(), runs["job_id"].to_pylist()
     run_rank = {r: i for i, r in enumerate(ids)}
     job_code = {j: i for i, j in enumerate(dict.fromkeys(jobs))}
-    run_job = np.array([job_code[j] for j in jobs] + [-2])  # [-1] = -2: orphans match no job
-    parts = _read_folder(path, table, dictionary=("run_id", "job_id", "param"),
+    run_job = np.array([job_code[j] for j in jobs] + [-2], np.int32)  # [-1] = -2: orphans match no job
+    parts = _read_folder(path, table, dictionary=("run_id", "job_id", "param"), widen=False,
                          prepare=lambda t: _keep_and_sort(t, run_rank, job_code, run_job, keys))
     # A run's rows come from one job, i.e. one file (a copied file repeats them: first one wins),
     # so the sorted result is the files' per-run slices put in run order: no global sort.
@@ -645,8 +688,6 @@ def _rows(path, table: str, runs: pa.Table, keys: list[str], config: list[str]) 
                 continue
             segments.setdefault(k, []).append((i, int(start), int(stop)))
             last_step[k] = int(steps[stop - 1])
-    schema, ids = READ_SCHEMAS[table], ("run_id", "job_id")
-    empty = pa.schema([f for f in schema if f.name not in ids] + [pa.field("__rank", pa.int32())])
     # runs in rank order; back-to-back slices of one file (all of a compacted file) become one slice
     merged: list[list[int]] = []
     for _, segs in sorted(segments.items()):
@@ -655,14 +696,72 @@ def _rows(path, table: str, runs: pa.Table, keys: list[str], config: list[str]) 
                 merged[-1][2] = b
             else:
                 merged.append([i, a, b])
-    body = [parts[i].slice(a, b - a) for i, a, b in merged]
-    body = pa.concat_tables(body or [empty.empty_table()], promote_options="default")
-    body = body.combine_chunks()  # one chunk per column: pandas conversion is fastest then
+    return parts, merged
+
+
+def _rows(path, table: str, runs: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Steps or layers rows of the kept runs as an Arrow table of `schema` (what `compact` writes), sorted."""
+    parts, slices = _slices(path, table, runs, SORT_KEYS[table][1:])
+    ids = ("run_id", "job_id")
+    body_schema = pa.schema([f for f in schema if f.name not in ids] + [pa.field("__rank", pa.int32())])
+    parts = [t.select(body_schema.names).cast(body_schema) for t in parts]  # param decoded, floats as `schema`
+    body = pa.concat_tables([parts[i].slice(a, b - a) for i, a, b in slices] or [body_schema.empty_table()])
+    body = body.combine_chunks()  # one chunk per column, not one per run
     rank = body["__rank"].combine_chunks()
     cols = [_gather(runs[n], rank) if n in ids else body.column(n) for n in schema.names]
-    cols += [_gather(runs[n], rank) for n in config]
-    return pa.Table.from_arrays(cols, schema=pa.schema(
-        list(schema) + [runs.schema.field(n) for n in config]))
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def _numeric(parts: list[pa.Table], slices: list[list[int]], name: str, dtype, n: int) -> np.ndarray:
+    """Column `name` of the slices as one new array of `dtype` (nulls: NaN): each value copied (float32
+    widened) once, straight into the array the DataFrame keeps (owned, so writable). Slices are numpy
+    views, put together by one np.concatenate: a few hundred ns a slice, where an uncompacted
+    experiment has one slice per run."""
+    whole: dict[int, np.ndarray] = {}  # a file's column: no copy where it is one chunk without nulls
+    views = [(whole[i] if i in whole else whole.setdefault(i, parts[i].column(name).to_numpy()))[a:b]
+             for i, a, b in slices]
+    out = np.empty(n, dtype)
+    if views:
+        np.concatenate(views, out=out, casting="safe")
+    return out
+
+
+def _frame(path, table: str, runs: pa.Table, config: list[str], pool: ThreadPoolExecutor) -> pd.DataFrame:
+    """Steps or layers rows of the kept runs as load() returns them: READ_SCHEMAS[table]'s columns
+    (statistics float64), then the `config` columns joined on (a name may come twice: steps.loss and
+    the config's loss); sorted.
+
+    A column per task in `pool`: floats and required ints go from the files' decoded pages into their
+    final numpy arrays in one copy each (float32 widened on the way; numpy copies without the GIL),
+    strings (ids decoded from the runs' dictionary, param from the files') and the config columns
+    through Arrow to pandas.
+    """
+    import pandas as pd
+
+    parts, slices = _slices(path, table, runs, SORT_KEYS[table][1:])
+    schema, ids = READ_SCHEMAS[table], ("run_id", "job_id")
+    n = sum(b - a for _, a, b in slices)
+    fields = list(schema) + [runs.schema.field(c) for c in config]
+    numeric = {k: np.float64 if pa.types.is_floating(f.type) else np.int64 for k, f in enumerate(schema)
+               if pa.types.is_floating(f.type) or (pa.types.is_integer(f.type) and not f.nullable)}
+    rank = pa.array(_numeric(parts, slices, "__rank", np.int32, n))
+
+    def other(k: int) -> pd.Series:
+        f = fields[k]
+        if f.name in ids or k >= len(schema):
+            col = _gather(runs[f.name], rank)
+        else:  # param: each file's dictionary decoded
+            chunks = [c for i, a, b in slices for c in parts[i][f.name].slice(a, b - a).chunks]
+            col = (pa.chunked_array(chunks, pa.dictionary(pa.int32(), f.type)).cast(f.type) if chunks
+                   else pa.array([], f.type))
+        return _to_pandas(pa.Table.from_arrays([col], schema=pa.schema([f]))).iloc[:, 0]
+
+    # the slower string columns first, so that the numeric ones fill the other threads meanwhile
+    tasks = {k: pool.submit(other, k) for k in range(len(fields)) if k not in numeric}
+    tasks |= {k: pool.submit(_numeric, parts, slices, fields[k].name, dtype, n) for k, dtype in numeric.items()}
+    df = pd.DataFrame({k: tasks[k].result() for k in range(len(fields))}, copy=False)  # each column its own block
+    df.columns = [f.name for f in fields]
+    return df
 
 
 def load(path, config_columns: list[str] | bool | None = None, running: bool = False) -> Results:
@@ -681,25 +780,24 @@ def load(path, config_columns: list[str] | bool | None = None, running: bool = F
     """
     import pandas as pd
 
-    config = list(CONFIG_COLUMNS) if config_columns is True else list(config_columns or [])
+    config = list(CONFIG_COLUMNS) if config_columns is True else list(dict.fromkeys(config_columns or []))
     if bad := [c for c in config if c not in RUNS_SCHEMA.names or c in ("run_id", "job_id")]:
         raise ValueError(f"config_columns: {bad} are not runs columns; choose in {CONFIG_COLUMNS}")
-    runs = _newest_runs(load_table(path, "runs"))
-    steps = _rows(path, "steps", runs, SORT_KEYS["steps"][1:], config)
-    layers = _rows(path, "layers", runs, SORT_KEYS["layers"][1:], config)
-    out = [_to_pandas(runs), _to_pandas(steps), _to_pandas(layers)]
-    if running:
-        finished = set(runs.column("run_id").to_pylist())
-        for job_dir in sorted(Path(path, RUNNING).glob("*/")):
-            live = _newest_runs(load_table(job_dir, "runs"))
-            live = live.filter(pa.array([r not in finished for r in live.column("run_id").to_pylist()], pa.bool_()))
-            if not len(live):
-                continue
-            more = [_to_pandas(live), _to_pandas(_rows(job_dir, "steps", live, SORT_KEYS["steps"][1:], config)),
-                    _to_pandas(_rows(job_dir, "layers", live, SORT_KEYS["layers"][1:], config))]
-            out = [pd.concat([a, b], ignore_index=True) for a, b in zip(out, more)]
-        keys = [SORT_KEYS["runs"], SORT_KEYS["steps"], SORT_KEYS["layers"]]
-        out = [df.sort_values(k, ignore_index=True, kind="stable") for df, k in zip(out, keys)]
+    with ThreadPoolExecutor(max(2, min(16, os.cpu_count() or 1))) as pool:
+        runs = _newest_runs(load_table(path, "runs"))
+        out = [_to_pandas(runs), _frame(path, "steps", runs, config, pool), _frame(path, "layers", runs, config, pool)]
+        if running:
+            finished = set(runs.column("run_id").to_pylist())
+            for job_dir in sorted(Path(path, RUNNING).glob("*/")):
+                live = _newest_runs(load_table(job_dir, "runs"))
+                live = live.filter(pa.array([r not in finished for r in live.column("run_id").to_pylist()], pa.bool_()))
+                if not len(live):
+                    continue
+                more = [_to_pandas(live), _frame(job_dir, "steps", live, config, pool),
+                        _frame(job_dir, "layers", live, config, pool)]
+                out = [pd.concat([a, b], ignore_index=True) for a, b in zip(out, more)]
+            keys = [SORT_KEYS["runs"], SORT_KEYS["steps"], SORT_KEYS["layers"]]
+            out = [df.sort_values(k, ignore_index=True, kind="stable") for df, k in zip(out, keys)]
     return Results(*out)
 
 
@@ -771,7 +869,7 @@ def compact(exp_dir, rows_per_file: int = ROWS_PER_FILE) -> dict[str, tuple[int,
         name = f"compact-{token}-{i:05d}.parquet"
         tmp = exp_dir / table / f".{name}"
         schema = schema_of(table, stats_dtype)
-        t = t.cast(schema)  # the schema's types and version metadata (float64 read -> float32 as written)
+        t = t.cast(schema)  # the schema's version metadata (runs; steps and layers come as `schema`)
         with open(tmp, "wb") as f:
             pq.write_table(t, f, row_group_size=1 << 20, **_writer_options(schema))
             f.flush()
@@ -800,7 +898,7 @@ def compact(exp_dir, rows_per_file: int = ROWS_PER_FILE) -> dict[str, tuple[int,
     for i, g in enumerate(np.unique(group)):
         part = runs.filter(pa.array(group == g))
         for table in ("steps", "layers"):
-            put(table, _rows(exp_dir, table, part, SORT_KEYS[table][1:], []), i)
+            put(table, _rows(exp_dir, table, part, schema_of(table, stats_dtype)), i)
     manifest = exp_dir / f".compact-{token}.json"
     tmp = exp_dir / f".compact-{token}.json.tmp"
     plan = {"old": [str(p.relative_to(exp_dir)) for v in old.values() for p in v], "new": new}

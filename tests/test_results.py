@@ -131,13 +131,69 @@ def test_read_parquet_directly_and_hidden_files_ignored(tmp_path):
     assert len(R.load(exp).layers) == 24  # the loader ignores hidden files too, without warning
 
 
+def _encodings(path) -> dict[str, tuple[str, bool]]:
+    """{column: (its data encoding, whether it has min/max statistics)} from a file's metadata."""
+    md = pq.ParquetFile(path).metadata
+    out = {}
+    for g in range(md.num_row_groups):
+        for i in range(md.num_columns):
+            c = md.row_group(g).column(i)
+            assert c.compression == "ZSTD"
+            data = set(c.encodings) - {"RLE"} - ({"PLAIN"} if "RLE_DICTIONARY" in c.encodings else set())
+            assert len(data) == 1, (c.path_in_schema, c.encodings)  # no fallback from a dictionary to PLAIN
+            out.setdefault(c.path_in_schema, set()).add((data.pop(), c.is_stats_set))
+    assert all(len(v) == 1 for v in out.values()), out  # every row group alike
+    return {k: v.pop() for k, v in out.items()}
+
+
 def test_file_metadata_and_encoding(tmp_path):
+    """The encodings chosen in bench.results (see the comment above _writer_options), read back from the
+    files' metadata, in a job's files and in compacted ones; float32 and float64 statistics alike."""
     jid, _, runs, steps, layers = _job()
     R.write_job(tmp_path, jid, runs, steps, layers)
+    jid64, _, *tables = _job(seed=10)
+    R.write_job(tmp_path / "f64", jid64, *tables, stats_dtype="float64")
     f = pq.ParquetFile(tmp_path / "layers" / f"{jid}.parquet")
     assert f.schema_arrow.metadata[b"vgbench.schema_version"] == str(R.SCHEMA_VERSION).encode()
-    col = f.metadata.row_group(0).column(0)
-    assert col.compression == "ZSTD" and "RLE_DICTIONARY" in col.encodings
+    repeated = {"delta_norm": "PLAIN", "act_mean": "PLAIN", "act_std": "PLAIN", "act_saturation": "BYTE_STREAM_SPLIT"}
+    want = {"run_id": ("RLE_DICTIONARY", True), "job_id": ("RLE_DICTIONARY", True), "param": ("RLE_DICTIONARY", True),
+            "step": ("DELTA_BINARY_PACKED", True), "layer": ("DELTA_BINARY_PACKED", True),
+            **{c: (repeated.get(c, "BYTE_STREAM_SPLIT"), False)  # no min/max for floats
+               for c in R.LAYERS_SCHEMA.names if pa.types.is_floating(R.LAYERS_SCHEMA.field(c).type)}}
+    for exp in (tmp_path, tmp_path / "f64"):
+        for _ in range(2):  # as write_job wrote it, then compacted
+            (layers_file,) = (exp / "layers").glob("*.parquet")
+            assert _encodings(layers_file) == want
+            steps_enc = _encodings(next((exp / "steps").glob("*.parquet")))
+            assert steps_enc["step"] == ("DELTA_BINARY_PACKED", True)
+            assert steps_enc["loss"] == ("BYTE_STREAM_SPLIT", False)
+            runs_enc = _encodings(next((exp / "runs").glob("*.parquet")))
+            assert runs_enc["run_id"] == ("RLE_DICTIONARY", True) and runs_enc["lr"] == ("BYTE_STREAM_SPLIT", False)
+            R.compact(exp)
+
+
+def test_repeated_layer_statistics_are_stored_about_once(tmp_path):
+    """A per-layer statistic is the same on each of the layer's parameter rows: stored PLAIN at zstd
+    level 4, the repeat is a 4-byte match. Random float32 values, each on two rows: about 4 B per pair
+    (plus a few bits of match), where a level that misses the repeats stores ~4 B per row. Bound: 2.6 B/row,
+    a deterministic size (fixed seed), far from both."""
+    rng = np.random.default_rng(0)
+    n_steps, n_layers = 1000, 10
+    rows = [(s, lay, p) for s in range(n_steps) for lay in range(1, n_layers + 1) for p in ("bias", "weight")]
+    n = len(rows)
+    per_layer = rng.random(n // 2)  # one value per (step, layer), on its bias and its weight row
+    floats = [f.name for f in R.LAYERS_SCHEMA if pa.types.is_floating(f.type)]
+    layers = {"run_id": ["r"] * n, "step": [r[0] for r in rows], "layer": [r[1] for r in rows],
+              "param": [r[2] for r in rows], **{c: rng.random(n) for c in floats}}
+    for c in ("delta_norm", "act_mean", "act_std"):
+        layers[c] = np.repeat(per_layer, 2)
+    table = R.sorted_table("layers", layers, "j")
+    R._write_atomic(table, tmp_path / "l.parquet")
+    md = pq.ParquetFile(tmp_path / "l.parquet").metadata
+    size = {md.row_group(0).column(i).path_in_schema: md.row_group(0).column(i).total_compressed_size / n
+            for i in range(md.num_columns)}
+    assert size["act_mean"] < 2.6 and size["delta_norm"] < 2.6 and size["act_std"] < 2.6, size
+    assert size["grad_norm"] > 3.0, size  # the check above is not met by every column: random values do not compress
 
 
 def test_files_are_written_sorted(tmp_path):
@@ -390,10 +446,27 @@ def test_config_columns_join(tmp_path):
     seed_of = dict(zip(res.runs.run_id, res.runs.seed))
     assert res.layers.seed.tolist() == [seed_of[r] for r in res.layers.run_id]
     assert (res.steps.activation == "sigmoid").all() and res.steps.batch_size.dtype == "Int64"
-    everything = R.load(tmp_path, config_columns=True).layers
-    assert list(everything.columns) == R.LAYERS_SCHEMA.names + list(R.CONFIG_COLUMNS)
+    everything = R.load(tmp_path, config_columns=True)
+    assert list(everything.layers.columns) == R.LAYERS_SCHEMA.names + list(R.CONFIG_COLUMNS)
+    # steps.loss (the loss value) and the config's loss (its name) are both there, each with its own dtype
+    assert list(everything.steps.columns) == R.STEPS_SCHEMA.names + list(R.CONFIG_COLUMNS)
+    value, name = (everything.steps.iloc[:, i] for i, c in enumerate(everything.steps.columns) if c == "loss")
+    assert value.tolist() == res.steps.loss.tolist() and (name == "sse_half").all()
     with pytest.raises(ValueError, match="not runs columns"):
         R.load(tmp_path, config_columns=["colour"])
+
+
+def test_loaded_frames_are_writable(tmp_path):
+    """load() hands out arrays it owns: assigning into a frame works (a zero-copy view of Arrow memory
+    would be read-only) and changes nothing on disk."""
+    jid, _, runs, steps, layers = _job()
+    R.write_job(tmp_path, jid, runs, steps, layers)
+    res = R.load(tmp_path)
+    res.layers.loc[0, "grad_norm"] = -1.0
+    res.layers.loc[1, "step"] = 99
+    res.steps.loc[0, "loss"] = -1.0
+    assert res.layers.grad_norm.iloc[0] == -1.0 and res.layers.step.iloc[1] == 99 and res.steps.loss.iloc[0] == -1.0
+    assert R.load(tmp_path).layers.grad_norm.iloc[0] != -1.0
 
 
 def test_empty_experiment_has_schema_dtypes(tmp_path):
@@ -423,11 +496,13 @@ def test_statistics_round_trip(tmp_path, dtype):
     """float32 statistics load as the float32 value widened exactly; float64 ones unchanged."""
     jid, rids, runs, steps, layers = _job(mark=0.1)
     layers["grad_norm"] = layers["grad_norm"] * np.pi * 1e-30  # a vanishing gradient, still float32's
+    layers["update_ratio"][::3] = np.nan  # as for a bias at initialisation (0 weight norm)
+    layers["update_norm"][1] = np.inf  # a diverging run's last update
     R.write_job(tmp_path, jid, runs, steps, layers, stats_dtype=dtype)
     assert _stat_types(tmp_path / "layers" / f"{jid}.parquet") == {pa.float32() if dtype == "float32" else pa.float64()}
     got = R.load(tmp_path).layers
     want = pd.DataFrame(layers).sort_values(["run_id", "step", "layer", "param"], ignore_index=True)
-    for c in ("grad_norm", "act_mean", "act_saturation"):
+    for c in [f.name for f in R.LAYERS_SCHEMA if pa.types.is_floating(f.type)]:  # every encoding chosen for them
         expected = want[c].to_numpy()
         if dtype == "float32":
             expected = expected.astype(np.float32).astype(np.float64)
@@ -448,6 +523,30 @@ def test_a_value_float32_cannot_hold_keeps_float64(tmp_path, value):
     R.write_job(tmp_path, jid, runs, steps, layers)
     assert _stat_types(tmp_path / "layers" / f"{jid}.parquet") == {pa.float64()}
     assert value in R.load(tmp_path).layers["grad_norm"].tolist()
+
+
+def test_files_with_the_earlier_version_3_encodings_still_load(tmp_path):
+    """Version 3 files written before the encodings were chosen per column (dictionary pages for step
+    and layer, byte-stream-split for every float but act_mean and delta_norm, zstd at its default level,
+    float min/max) load as the same frames; `compact` rewrites them with today's encodings."""
+    for seed in (0, 10):
+        R.write_job(tmp_path / "now", *(_job(seed=seed)[i] for i in (0, 2, 3, 4)))
+    shutil.copytree(tmp_path / "now", tmp_path / "before")
+    for path in (tmp_path / "before").glob("*/*.parquet"):
+        t = pq.read_table(path)
+        floats = [f.name for f in t.schema if pa.types.is_floating(f.type)]
+        dictionary = [c for c in ("run_id", "job_id", "param", "step", "layer") if c in t.column_names]
+        pq.write_table(t, path, compression="zstd", use_dictionary=dictionary,
+                       use_byte_stream_split=[c for c in floats if c not in ("act_mean", "delta_norm")])
+    before_enc = _encodings(next((tmp_path / "before" / "layers").glob("*.parquet")))
+    assert before_enc["step"][0] == "RLE_DICTIONARY" and before_enc["act_std"][0] == "BYTE_STREAM_SPLIT"
+    now = R.load(tmp_path / "now")
+    for _ in range(2):  # as written, then compacted
+        before = R.load(tmp_path / "before")
+        for table in ("runs", "steps", "layers"):
+            pd.testing.assert_frame_equal(getattr(before, table), getattr(now, table))
+        R.compact(tmp_path / "before")
+    assert _encodings(next((tmp_path / "before" / "layers").glob("*.parquet")))["act_std"][0] == "PLAIN"
 
 
 def test_schema_version_2_float64_files_still_load(tmp_path):
