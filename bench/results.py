@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -544,8 +544,11 @@ def _read_folder(path, table: str, columns=None, dictionary=(), prepare=None, wi
         t, why = _read_file(p, schema, names, [c for c in dictionary if c in names], widen, threads)
         return (t if t is None or prepare is None else prepare(t)), why
 
-    with ThreadPoolExecutor(min(16, (os.cpu_count() or 1) + 4)) as pool:  # decoding frees the GIL
-        results = list(pool.map(work, files))
+    if len(files) < 2:
+        results = [work(p) for p in files]
+    else:
+        with ThreadPoolExecutor(min(16, (os.cpu_count() or 1) + 4)) as pool:  # decoding frees the GIL
+            results = list(pool.map(work, files))
     for p, (_, why) in zip(files, results):
         if why is not None:
             warnings.warn(f"skipping {p}: {why}", stacklevel=3)
@@ -731,10 +734,10 @@ def _frame(path, table: str, runs: pa.Table, config: list[str], pool: ThreadPool
     (statistics float64), then the `config` columns joined on (a name may come twice: steps.loss and
     the config's loss); sorted.
 
-    A column per task in `pool`: floats and required ints go from the files' decoded pages into their
-    final numpy arrays in one copy each (float32 widened on the way; numpy copies without the GIL),
-    strings (ids decoded from the runs' dictionary, param from the files') and the config columns
-    through Arrow to pandas.
+    Floats and required ints go from the files' decoded pages into their final numpy arrays in one
+    copy each (float32 widened on the way; numpy copies without the GIL), a column per task in `pool`;
+    strings (ids decoded from the runs' dictionary, param from the files') and the config columns go
+    through Arrow to pandas in one more task.
     """
     import pandas as pd
 
@@ -746,22 +749,38 @@ def _frame(path, table: str, runs: pa.Table, config: list[str], pool: ThreadPool
                if pa.types.is_floating(f.type) or (pa.types.is_integer(f.type) and not f.nullable)}
     rank = pa.array(_numeric(parts, slices, "__rank", np.int32, n))
 
-    def other(k: int) -> pd.Series:
-        f = fields[k]
-        if f.name in ids or k >= len(schema):
-            col = _gather(runs[f.name], rank)
-        else:  # param: each file's dictionary decoded
-            chunks = [c for i, a, b in slices for c in parts[i][f.name].slice(a, b - a).chunks]
-            col = (pa.chunked_array(chunks, pa.dictionary(pa.int32(), f.type)).cast(f.type) if chunks
-                   else pa.array([], f.type))
-        return _to_pandas(pa.Table.from_arrays([col], schema=pa.schema([f]))).iloc[:, 0]
+    def others() -> pd.DataFrame:  # the columns that are not numeric, in one conversion to pandas
+        cols = []
+        for k, f in enumerate(fields):
+            if k in numeric:
+                continue
+            if f.name in ids or k >= len(schema):
+                cols.append(_gather(runs[f.name], rank))
+            else:  # param: each file's dictionary decoded
+                chunks = [c for i, a, b in slices for c in parts[i][f.name].slice(a, b - a).chunks]
+                cols.append(pa.chunked_array(chunks, pa.dictionary(pa.int32(), f.type)).cast(f.type) if chunks
+                            else pa.array([], f.type))
+        return _to_pandas(pa.Table.from_arrays(cols, schema=pa.schema([f for k, f in enumerate(fields)
+                                                                       if k not in numeric])))
 
-    # the slower string columns first, so that the numeric ones fill the other threads meanwhile
-    tasks = {k: pool.submit(other, k) for k in range(len(fields)) if k not in numeric}
-    tasks |= {k: pool.submit(_numeric, parts, slices, fields[k].name, dtype, n) for k, dtype in numeric.items()}
-    df = pd.DataFrame({k: tasks[k].result() for k in range(len(fields))}, copy=False)  # each column its own block
+    # threads pay from ~100k rows on; the slower string columns first, so that the numeric ones fill
+    # the other threads meanwhile
+    submit = pool.submit if n >= 1 << 17 else _now
+    strings = submit(others)
+    arrays = {k: submit(_numeric, parts, slices, fields[k].name, dtype, n) for k, dtype in numeric.items()}
+    strings = strings.result()
+    j = iter(range(strings.shape[1]))
+    columns = {k: arrays[k].result() if k in numeric else strings.iloc[:, next(j)] for k in range(len(fields))}
+    df = pd.DataFrame(columns, copy=False)  # no copy: each column its own block
     df.columns = [f.name for f in fields]
     return df
+
+
+def _now(fn, *args) -> Future:
+    """fn(*args) run here, as a finished Future (where a thread would cost more than it saves)."""
+    done = Future()
+    done.set_result(fn(*args))
+    return done
 
 
 def load(path, config_columns: list[str] | bool | None = None, running: bool = False) -> Results:
