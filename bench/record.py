@@ -124,8 +124,8 @@ def host_layer_stats(net) -> np.ndarray:
     for li, layer in enumerate(net.layers):
         if torch_net:  # zero-copy NumPy views of the CPU tensors
             n_, h_, delta_ = layer.n.detach().numpy(), layer.h.detach().numpy(), layer.z.grad.numpy()
-        else:
-            n_, h_, delta_ = layer.n, layer.h, layer.delta
+        else:  # the NumPy layers store (E, width, B): statistics over a member's entries read them as stored
+            n_, h_, delta_ = layer.nT, layer.hT, layer.deltaT
         h, delta = h_.reshape(E, -1), delta_.reshape(E, -1)
         below = _saturated(layer.act, n_, h_, np)
         mean = np.add.reduce(h, axis=1) / h.shape[1]  # = h.mean(1), without np.mean's Python wrapper
