@@ -663,13 +663,14 @@ def _gather(col: pa.ChunkedArray, rank: pa.Array) -> pa.Array:
 
 
 # load() of 10M compacted layers rows (bench.perf P6's synthetic folder: 3 files, float32 statistics; a
-# 2-core VM, medians of 5 alternated with the previous code and pd.read_parquet): wall 1.55 s, user CPU
-# 1.31 s, system 0.46 s, where the previous load (statistics cast to float64 per file, then
-# concat_tables + combine_chunks, then to_pandas: three new copies of every column) took 3.38 / 1.80 /
-# 2.71 s and pd.read_parquet 1.95 / 1.58 / 0.51 s. The system time is page faults on fresh memory,
-# dearer than the copies themselves here: hence statistics kept as stored until _frame copies each
-# column once into the array the DataFrame keeps. User time: ~0.6 s decoding (zstd, ~6 ns a float),
-# ~0.2 s _keep_and_sort's checks, ~0.2 s filling the float64 columns, ~0.25 s the three string columns.
+# 2-core VM shared with other work, medians of 5 alternated with the previous code and pd.read_parquet):
+# wall 1.51 s, user CPU 1.03 s, system 0.52 s, where the previous load (statistics cast to float64 per
+# file, then concat_tables + combine_chunks, then to_pandas: three new copies of every column; zstd for
+# every column) took 4.08 / 1.64 / 2.63 s and pd.read_parquet 1.99 / 1.54 / 0.55 s. The system time is
+# page faults on fresh memory, dearer than the copies themselves on this machine: hence statistics kept
+# as stored until _frame copies each column once into the array the DataFrame keeps. User time: about
+# half decoding, the rest _keep_and_sort's checks (~0.2 s), filling the float64 columns (~0.2 s) and
+# the three string columns (~0.25 s).
 def _slices(path, table: str, runs: pa.Table, keys: list[str]) -> tuple[list[pa.Table], list[list[int]]]:
     """The files' rows of the kept runs, each file's sorted with `__rank` (the run's row in `runs`)
     in place of run_id and job_id, and the [file, start, stop) slices that, in order, are the rows
