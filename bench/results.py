@@ -277,7 +277,7 @@ def _stats_type(schemas) -> str:
     return "float64" if any(f.type == pa.float64() for s in schemas for f in s) else "float32"
 
 
-# Encodings and zstd levels, chosen per column on real statistics (bench.perf P6: digits 64-32x8-10,
+# Encodings and codecs, chosen per column on real statistics (bench.perf P6: digits 64-32x8-10,
 # sigmoid/tanh/relu, every step, 13,176 rows after `compact`; bytes per row of each column read from the
 # parquet metadata, float32 statistics; pyarrow 26):
 # - ids (run_id, job_id, param): dictionary pages, ~0.01 B/row each.
@@ -289,16 +289,19 @@ def _stats_type(schemas) -> str:
 #   delta_norm 1.80, act_mean 1.75, act_std 1.79 B/row, where level 1 finds none (3.62, 3.16, 3.60)
 #   and byte-stream-split hides them (level 1: 3.09, 2.91, 3.08; level 6: 2.70, 2.51, 2.61).
 #   act_saturation (a few distinct values, mostly 0) is byte-stream-split at level 4: 0.63 (level 1 0.72,
-#   PLAIN 0.67, dictionary 0.81).
-# - every other float (the per-parameter statistics; steps and runs floats): byte-stream-split at level 1:
-#   3.04-3.30 B/row, exponent bytes alike and mantissas noise (PLAIN 3.6-3.7, dictionary 5.1-5.4; levels
-#   up to 9 change it by under 1% and write byte-stream-split columns 1.5-3x slower; lz4 decodes ~3x
-#   faster, 2 vs 6 ns a value, but stores 3.12-3.46).
+#   PLAIN 0.67, dictionary 0.81, lz4 1.09).
+# - every other float (the per-parameter statistics; steps and runs floats): byte-stream-split, lz4
+#   (LZ4_RAW): 3.13-3.46 B/row (grad_norm 3.36, grad_mean_abs 3.46, weight_norm 3.13, update_norm 3.26,
+#   update_ratio 3.27). Exponent bytes alike, mantissas noise: zstd's entropy coding saves 0.06-0.24 B/row
+#   a column on the mantissas (3.04-3.30 at level 1; PLAIN 3.6-3.7, dictionary 5.1-5.4) but decodes a
+#   value in ~6 ns where lz4 takes ~2: load() of 10M rows (P6's synthetic folder, medians of 10
+#   alternated) spends 1.13 s user + 0.85 s system with lz4 here, 1.35 + 1.06 with zstd.
 # - min/max statistics for ids and ints only (row-group pruning on them, the run_id of a part's row
 #   group in _merge_parts_atomic); float ones prune nothing and cost 0.02 B/row of footer here.
-# Total 22.1 B/row, footer included (26.7 before: act_std byte-stream-split, everything at level 1); with
-# float64 statistics 46.2 (49.8). Reading costs the same (zstd decodes as fast at any level); writing a
-# layers table ~30% more (level 4 on four columns: 196 -> 259 ns/row, 1M real-shaped rows, best of 5).
+# Total 22.7 B/row, footer included (26.7 before: act_std byte-stream-split, every column zstd level 1;
+# 22.1 with zstd for the per-parameter statistics too); with float64 statistics 46.4 (49.8). Writing a
+# layers table: 188 -> 222 ns/row on 1M real-shaped rows (level 4 on four columns), 185 -> 172 on
+# random statistics (best of 5 each).
 _REPEATED = {"delta_norm": "PLAIN", "act_mean": "PLAIN", "act_std": "PLAIN", "act_saturation": "BYTE_STREAM_SPLIT"}
 _REPEATED_LEVEL = 4
 _DELTA_INTS = ("step", "layer")
@@ -310,7 +313,8 @@ def _writer_options(schema: pa.Schema) -> dict:
     floats = [f.name for f in schema if pa.types.is_floating(f.type)]
     encoding = {n: _REPEATED.get(n, "BYTE_STREAM_SPLIT") for n in floats}
     encoding.update({n: "DELTA_BINARY_PACKED" for n in _DELTA_INTS if n in schema.names})
-    return {"compression": "zstd", "compression_level": {n: _REPEATED_LEVEL for n in _REPEATED if n in floats},
+    return {"compression": {n: "lz4_raw" if n in floats and n not in _REPEATED else "zstd" for n in schema.names},
+            "compression_level": {n: _REPEATED_LEVEL for n in _REPEATED if n in floats},
             "use_dictionary": [n for n in _DICT_COLUMNS if n in schema.names], "column_encoding": encoding,
             "write_statistics": [n for n in schema.names if n not in floats]}
 
@@ -659,13 +663,14 @@ def _gather(col: pa.ChunkedArray, rank: pa.Array) -> pa.Array:
 
 
 # load() of 10M compacted layers rows (bench.perf P6's synthetic folder: 3 files, float32 statistics; a
-# 2-core VM, medians of 5 alternated with the previous code and pd.read_parquet): wall 1.55 s, user CPU
-# 1.31 s, system 0.46 s, where the previous load (statistics cast to float64 per file, then
-# concat_tables + combine_chunks, then to_pandas: three new copies of every column) took 3.38 / 1.80 /
-# 2.71 s and pd.read_parquet 1.95 / 1.58 / 0.51 s. The system time is page faults on fresh memory,
-# dearer than the copies themselves here: hence statistics kept as stored until _frame copies each
-# column once into the array the DataFrame keeps. User time: ~0.6 s decoding (zstd, ~6 ns a float),
-# ~0.2 s _keep_and_sort's checks, ~0.2 s filling the float64 columns, ~0.25 s the three string columns.
+# 2-core VM shared with other work, medians of 5 alternated with the previous code and pd.read_parquet):
+# wall 1.51 s, user CPU 1.03 s, system 0.52 s, where the previous load (statistics cast to float64 per
+# file, then concat_tables + combine_chunks, then to_pandas: three new copies of every column; zstd for
+# every column) took 4.08 / 1.64 / 2.63 s and pd.read_parquet 1.99 / 1.54 / 0.55 s. The system time is
+# page faults on fresh memory, dearer than the copies themselves on this machine: hence statistics kept
+# as stored until _frame copies each column once into the array the DataFrame keeps. User time: about
+# half decoding, the rest _keep_and_sort's checks (~0.2 s), filling the float64 columns (~0.2 s) and
+# the three string columns (~0.25 s).
 def _slices(path, table: str, runs: pa.Table, keys: list[str]) -> tuple[list[pa.Table], list[list[int]]]:
     """The files' rows of the kept runs, each file's sorted with `__rank` (the run's row in `runs`)
     in place of run_id and job_id, and the [file, start, stop) slices that, in order, are the rows
