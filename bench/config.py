@@ -336,9 +336,9 @@ def _check_results_dir(results_dir: str, name: str) -> None:
 # Bytes a logged row costs at the peak while the tables are built: the recorder's per-step arrays,
 # the columns made from them, the Arrow table and its sorted copy (a layers row is 13 values of 8 B).
 ROW_BYTES_MEMORY = 4 * 104
-# Bytes a row takes on disk (bench.perf P6, layers rows): ~20 B with float32 statistics (log.stats_dtype's
-# default), ~36 B with float64 on real statistics and ~50 B on random ones; rounded up to cover either,
-# so that a run refused for disk space would really not have fit.
+# Bytes a row takes on disk (bench.perf P6, layers rows): ~23 B with float32 statistics (log.stats_dtype's
+# default) and ~46 B with float64 on real statistics, ~34 B for random float32 ones; rounded up to cover
+# any, so that a run refused for disk space would really not have fit.
 ROW_BYTES_DISK = 64
 
 
