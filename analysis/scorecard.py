@@ -42,7 +42,8 @@ from analysis.tables import km_summary
 KINDS = ("scorecard", "scorecard_smoke")  # the presets whose experiments the report scores
 # the built-in methods (conf/method/<name>.yaml), in the order tables and figures list them
 METHOD_ORDER = ("sigmoid_normal", "sigmoid_xavier", "tanh_xavier", "tanh_critical_orthogonal", "relu_he",
-                "relu_bn", "relu_residual", "relu_residual_rezero", "relu_residual_bn", "relu_layernorm", "selu_lecun", "gelu_he",
+                "relu_bn", "relu_residual", "relu_residual_rezero", "relu_residual_bn", "relu_layernorm",
+                "selu_lecun", "gelu_he",
                 "silu_he", "relu_he_adam", "sigmoid_xavier_adam")
 # task -> (steps column, direction, target): "max" = reached when the metric >= target, "min" = <= target
 TARGETS = {"digits": ("test_accuracy", "max", 0.9), "teacher": ("test_loss", "min", 0.5)}

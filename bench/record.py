@@ -217,8 +217,9 @@ def device_layer_stats(net) -> np.ndarray:
             h = layer.h.reshape(E, -1)
             centred = h - h.mean(1, keepdim=True)
             below = _saturated(layer.act, layer.n, layer.h, torch)
-            parts += [h.mean(1), torch.linalg.vecdot(centred, centred) / h.shape[1],
-                      torch.full_like(h[:, 0], float("nan")) if below is None else below.reshape(E, -1).sum(1, dtype=h.dtype)]
+            saturated = (torch.full_like(h[:, 0], float("nan")) if below is None
+                         else below.reshape(E, -1).sum(1, dtype=h.dtype))
+            parts += [h.mean(1), torch.linalg.vecdot(centred, centred) / h.shape[1], saturated]
         v = torch.cat([t.to(torch.float64) for t in parts]).cpu().numpy()
     grad_norm, grad_l1, weight_norm = (v[k * P * E:(k + 1) * P * E] for k in range(3))
     rest = v[3 * P * E:]

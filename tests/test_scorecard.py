@@ -202,10 +202,11 @@ def test_each_method_backward_by_finite_differences_and_twin(method, tmp_path):
     """Every built-in method as the scorecard builds it (its activation, init, norm, residual branch and
     optimizer), shrunk to 3 hidden layers of 5 units: the hand-written backward against central
     differences, then the torch twin in lockstep over 12 Adam or SGD steps."""
+    from test_engine import _fd_check
+
     from bench.config import validate
     from bench.init import init_params
     from bench.twin import lockstep_cfg
-    from test_engine import _fd_check
 
     cfg = compose_cfg([f"method={method}", "task=digits", "model.depth=3", "model.width=5", "train.batch_size=16",
                        "train.steps=12", "log.every=4", "ensemble=2"], results_dir=tmp_path)
