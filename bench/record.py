@@ -41,9 +41,7 @@ def layer_stats(net) -> np.ndarray:
     Computed once from what the backward pass left (gradients, deltas, activations): on the host by one
     NumPy code for both networks (a CPU torch network's tensors are read in place, no copies but its
     gradients gathered into one buffer), on a GPU by multi-tensor reductions and one copy to the host."""
-    if net.xp is np or net.flat_params.device.type == "cpu":
-        return host_layer_stats(net)
-    return device_layer_stats(net)
+    return device_layer_stats(net) if _on_device(net) else host_layer_stats(net)
 
 
 def snapshot(net):
@@ -52,8 +50,8 @@ def snapshot(net):
     flat = _flat_params(net)
     before = getattr(net, "_before", None)
     if before is None:
-        before = net._before = flat.clone() if _is_tensor(flat) else flat.copy()
-    elif _is_tensor(flat):
+        before = net._before = flat.clone() if _on_device(net) else flat.copy()
+    elif _on_device(net):
         before.copy_(flat)
     else:
         np.copyto(before, flat)
@@ -64,7 +62,7 @@ def update_stats(net, before, stats: np.ndarray) -> None:
     """Fill `stats`' update columns (in place) with ||w(t+1) - w(t)|| against `snapshot`'s w(t)."""
     E = stats.shape[1]
     flat = _flat_params(net)
-    if _is_tensor(flat):  # on a GPU: one subtraction, one multi-tensor norm, one copy to the host
+    if _on_device(net):  # on a GPU: one subtraction, one multi-tensor norm, one copy to the host
         before.sub_(flat)  # w(t) - w(t+1): the sign goes in the square
         u = _device_norms(_segments(net, before), 2).cpu().numpy()
     else:
@@ -77,16 +75,15 @@ def update_stats(net, before, stats: np.ndarray) -> None:
         stats[:, :, j + 1] = np.where(w > 0, stats[:, :, j] / w, np.nan)
 
 
-def _is_tensor(x) -> bool:
-    return type(x).__module__.startswith("torch")
+def _on_device(net) -> bool:
+    """A torch network on a GPU: its statistics are reduced there (everything else is read by NumPy)."""
+    return net.xp is not np and net.flat_params.device.type != "cpu"
 
 
 def _flat_params(net):
     """The flat parameter buffer as NumPy (the NumPy network's; a CPU torch network's, read in place) or,
     on a GPU, as the tensor."""
-    if net.xp is np:
-        return net.flat_params
-    if net.flat_params.device.type != "cpu":
+    if net.xp is np or _on_device(net):
         return net.flat_params
     view = getattr(net, "_flat_np", None)
     if view is None:
