@@ -72,13 +72,14 @@ class Suite:
 def interleaved(fns: dict, repeats: int, warmup: bool = True, clock=time.perf_counter) -> dict[str, list[float]]:
     """Seconds of each callable by `clock` (wall by default; time.process_time for CPU seconds, which
     a neighbour's job on a shared machine does not add to), `repeats` rounds, variants interleaved
-    within each round."""
+    within each round, in reverse order every other round (so that going first or last in a round
+    favours no variant). times[k][r] of two variants come from the same round r: a pair."""
     if warmup:
         for f in fns.values():
             f()
     times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
+    for r in range(repeats):
+        for k, f in (fns.items() if r % 2 == 0 else reversed(fns.items())):
             t0 = clock()
             f()
             times[k].append(clock() - t0)
@@ -257,27 +258,33 @@ def p2(s: Suite):
 def p3(s: Suite):
     """Recording statistics at every step vs not (the loss, accuracy and test metrics are measured at every
     step either way), in CPU seconds of one thread: the difference is small against the step, so wall time
-    on a shared machine would drown it."""
+    on a shared machine would drown it. Short runs in many rounds, on and off side by side in each: the
+    overhead is the median over rounds of on / off - 1, so a slow stretch of the machine, which slows
+    both runs of its round alike, cancels."""
     from threadpoolctl import threadpool_limits
 
     widths = (16, 64) if s.quick else (16, 64, 256)
+    rounds = s.repeats if s.quick else max(3 * s.repeats, 15)
     task = make_task("digits")
     for width in widths:
-        steps = 20 if s.quick else (200 if width < 256 else 60)
+        steps = 20 if s.quick else (50 if width < 256 else 12)
         spec = NetSpec(64, 10, (width,) * 4, "tanh", "softmax")
         tspec = TrainSpec(steps=steps, lr=0.05, momentum=0.9, batch_size=128, loss="cross_entropy", log_every=1)
         params = init_params(spec, "xavier", [0])
         for backend in ("numpy", "torch"):
             with torch_threads(1), threadpool_limits(1):
                 times = interleaved({"on": _trainer(task, spec, tspec, params, backend, record=True),
-                                     "off": _trainer(task, spec, tspec, params, backend, record=False)}, s.repeats,
+                                     "off": _trainer(task, spec, tspec, params, backend, record=False)}, rounds,
                                     clock=time.process_time)
-            over = np.median(times["on"]) / np.median(times["off"]) - 1
+            paired = np.asarray(times["on"]) / np.asarray(times["off"])
+            over = np.median(paired) - 1
+            q1, q3 = np.percentile(paired, [25, 75])
             target, met = ("overhead <= 5%", over <= 0.05) if width >= 64 else ("", None)
             s.add("P3", f"digits 64-{width}x4-10 B128, record every step", backend, "overhead",
                   100 * over, "%", times["on"], ratio=1 + over, target=target, met=met,
-                  note=f"median CPU on {np.median(times['on']):.3f}s vs off {np.median(times['off']):.3f}s, "
-                       f"{steps} steps; 1 thread")
+                  note=f"median of {rounds} paired on/off rounds (quartiles {100 * (q1 - 1):+.1f}%, "
+                       f"{100 * (q3 - 1):+.1f}%); CPU on {np.median(times['on']):.3f}s vs off "
+                       f"{np.median(times['off']):.3f}s per {steps}-step run; 1 thread")
 
 
 # ---------------------------------------------------------------------------------------------- P4

@@ -27,6 +27,10 @@ PARAM_STATS = ("grad_norm", "grad_mean_abs", "weight_norm")
 LAYER_STATS = ("delta_norm", "act_mean", "act_std", "act_saturation")
 UPDATE_STATS = ("update_norm", "update_ratio")
 STATS = PARAM_STATS + LAYER_STATS + UPDATE_STATS
+# Per member, nets with at least this many parameters reduce each parameter's block on its own (one pass
+# per sum of squares, no squared temporary); smaller ones reduce the whole flat buffers at once (fewer
+# calls: for them a call costs more than a pass). Either way the path follows from the net, not from E.
+BLOCKWISE = 32768
 
 
 def row_layout(spec):
@@ -67,12 +71,15 @@ def update_stats(net, before, stats: np.ndarray) -> None:
         u = _device_norms(_segments(net, before), 2).cpu().numpy()
     else:
         np.subtract(flat, before, out=before)
-        u = np.sqrt(np.add.reduceat(np.multiply(before, before, out=before), _segment_starts(net, E)))
+        if flat.size // E < BLOCKWISE:
+            u = np.sqrt(np.add.reduceat(np.multiply(before, before, out=before), _segment_starts(net, E)))
+        else:
+            u = np.sqrt(np.stack([np.vecdot(d, d) for d in _blocks(net, before, "before")]))
     j = STATS.index("update_norm")
     w = stats[:, :, STATS.index("weight_norm")]
     stats[:, :, j] = u.reshape(-1, E)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        stats[:, :, j + 1] = np.where(w > 0, stats[:, :, j] / w, np.nan)
+    stats[:, :, j + 1] = np.nan
+    np.divide(stats[:, :, j], w, out=stats[:, :, j + 1], where=w > 0)
 
 
 def _on_device(net) -> bool:
@@ -91,14 +98,35 @@ def _flat_params(net):
     return view
 
 
+def _blocks(net, flat, key: str) -> list[np.ndarray]:
+    """Each parameter's (E, n) block of a flat NumPy buffer laid out like the parameters (cached on the
+    network under `key`: the views stay valid as the buffer is updated in place)."""
+    cache = net.__dict__.setdefault("_blocks", {})
+    if key not in cache:
+        E, off, views = net.params[net.names[0]].shape[0], 0, []
+        for name in net.names:
+            n = int(np.prod(net.params[name].shape[1:]))
+            views.append(flat[off:off + E * n].reshape(E, n))
+            off += E * n
+        cache[key] = views
+    return cache[key]
+
+
+def _grad_blocks(net) -> list[np.ndarray]:
+    """Each parameter's gradient as an (E, n) NumPy array: views of the NumPy network's flat gradient
+    buffer; a CPU torch network's gradient tensors read in place (autograd gives each its own)."""
+    if net.xp is np:
+        return _blocks(net, net.flat_grads, "grads")
+    E = net.params[net.names[0]].shape[0]
+    return [p.grad.numpy().reshape(E, -1) for p in net.params.values()]
+
+
 def _flat_grads(net) -> np.ndarray:
     """The gradients as one flat NumPy buffer in parameter order: the NumPy network's own; a CPU torch
-    network's (autograd gives each parameter its own gradient tensor) gathered by one concatenation."""
+    network's gathered by one concatenation into a buffer kept on the network."""
     if net.xp is np:
         return net.flat_grads
-    buf = getattr(net, "_flat_g", None)
-    if buf is None:
-        buf = net._flat_g = np.empty_like(_flat_params(net))
+    buf = _scratch(net, "grads", net.flat_params.shape, _flat_params(net).dtype)
     return np.concatenate([p.grad.numpy().reshape(-1) for p in net.params.values()], out=buf)
 
 
@@ -109,38 +137,68 @@ def _saturated(act, n, h, xp):
     return act.dphi(n, h, xp) < SATURATED * act.dphi_max
 
 
-def host_layer_stats(net) -> np.ndarray:
-    """The statistics in NumPy, from the layers' caches and the flat buffers (either network on the CPU).
+def _scratch(net, key, shape, dtype) -> np.ndarray:
+    """A buffer kept on the network for an intermediate of the statistics (no allocation per logged step)."""
+    cache = net.__dict__.setdefault("_stat_scratch", {})
+    buf = cache.get(key)
+    if buf is None or buf.shape != shape or buf.dtype != dtype:
+        buf = cache[key] = np.empty(shape, dtype)
+    return buf
 
-    Every parameter is a contiguous (E, n) block of the flat buffers, so one `reduceat` per statistic sums
-    all (parameter, member) segments at once; squares and absolute values go through one scratch buffer
-    kept on the network (no allocation per logged step)."""
+
+def host_layer_stats(net) -> np.ndarray:
+    """The statistics in NumPy, from the layers' caches and the parameter and gradient arrays (either network
+    on the CPU), in as few passes over memory as NumPy allows: every sum of squares is one `vecdot` pass over
+    a parameter's (E, n) block (no squared temporary), intermediates go into buffers kept on the network."""
     E = net.params[net.names[0]].shape[0]
     torch_net = net.xp is not np
-    per_layer = np.empty((len(net.layers), E, len(LAYER_STATS)))
+    # per layer and member: sum dz^2, sum h, sum (h - mean)^2, saturated count; divided and rooted at the end
+    sums, counts = np.empty((4, len(net.layers), E)), np.empty((len(net.layers), 1))
     for li, layer in enumerate(net.layers):
-        if torch_net:  # zero-copy NumPy views of the CPU tensors
-            n_, h_, delta_ = layer.n.detach().numpy(), layer.h.detach().numpy(), layer.z.grad.numpy()
+        if torch_net:  # zero-copy NumPy views of the CPU tensors (force: detached, no copy on the CPU)
+            n_, h_, delta_ = layer.n.numpy(force=True), layer.h.numpy(force=True), layer.z.grad.numpy()
         else:  # the NumPy layers store (E, width, B): statistics over a member's entries read them as stored
             n_, h_, delta_ = layer.nT, layer.hT, layer.deltaT
         h, delta = h_.reshape(E, -1), delta_.reshape(E, -1)
-        below = _saturated(layer.act, n_, h_, np)
-        mean = np.add.reduce(h, axis=1) / h.shape[1]  # = h.mean(1), without np.mean's Python wrapper
-        centred = h - mean[:, None]
-        per_layer[li, :, 0] = np.sqrt(np.vecdot(delta, delta))
-        per_layer[li, :, 1] = mean
-        # two-pass variance as np.std, with the square-and-sum fused (no squared temporary)
-        per_layer[li, :, 2] = np.sqrt(np.vecdot(centred, centred) / h.shape[1])
-        # a count, no float copy of the mask; NaN where phi has no saturation statistic
-        per_layer[li, :, 3] = np.nan if below is None else np.count_nonzero(below.reshape(E, -1), axis=1) / h.shape[1]
-    starts = _segment_starts(net, E)
-    flat_g, flat_w = _flat_grads(net), _flat_params(net)
-    scratch = getattr(net, "_scratch", None)
-    if scratch is None:
-        scratch = net._scratch = np.empty_like(flat_w)
-    grad_norm = np.sqrt(np.add.reduceat(np.multiply(flat_g, flat_g, out=scratch), starts))
-    grad_l1 = np.add.reduceat(np.abs(flat_g, out=scratch), starts)
-    weight_norm = np.sqrt(np.add.reduceat(np.multiply(flat_w, flat_w, out=scratch), starts))
+        counts[li] = h.shape[1]
+        sums[0, li] = np.vecdot(delta, delta)
+        np.add.reduce(h, axis=1, out=sums[1, li])
+        # two-pass variance as np.std, the square-and-sum fused (no squared temporary)
+        centred = np.subtract(h, sums[1, li, :, None] / h.shape[1],
+                              out=_scratch(net, ("centred", li), h.shape, h.dtype))
+        sums[2, li] = np.vecdot(centred, centred)
+        act = layer.act
+        if act.dphi_max is None:  # NaN where phi has no saturation statistic
+            sums[3, li] = np.nan
+        else:  # a count of a boolean buffer: no float copy of the mask
+            below = np.less(act.dphi(n_, h_, np), SATURATED * act.dphi_max,
+                            out=_scratch(net, ("below", li), h_.shape, np.bool_))
+            # an integer count (exact whatever the order, so its path may follow E): for one member
+            # count_nonzero, for many a sum of the boolean rows
+            sums[3, li] = (np.count_nonzero(below) if E == 1
+                           else np.add.reduce(below.reshape(E, -1), axis=1, dtype=np.intp))
+    per_layer = np.empty((len(net.layers), E, len(LAYER_STATS)))
+    per_layer[:, :, 0] = np.sqrt(sums[0])
+    per_layer[:, :, 1] = sums[1] / counts
+    per_layer[:, :, 2] = np.sqrt(sums[2] / counts)
+    per_layer[:, :, 3] = sums[3] / counts
+    flat_w = _flat_params(net)
+    scratch = _scratch(net, "flat", flat_w.shape, flat_w.dtype)
+    if flat_w.size // E < BLOCKWISE:  # a small net: the whole buffers in few calls (passes over cache are cheap)
+        starts = _segment_starts(net, E)
+        flat_g = _flat_grads(net)
+        grad_l1 = np.add.reduceat(np.abs(flat_g, out=scratch), starts)
+        grad_norm = np.sqrt(np.add.reduceat(np.multiply(flat_g, flat_g, out=scratch), starts))
+        weight_norm = np.sqrt(np.add.reduceat(np.multiply(flat_w, flat_w, out=scratch), starts))
+    else:  # a large one: one pass per sum of squares, each parameter's (E, n) block in place
+        P = len(net.names)
+        grad_norm, grad_l1, weight_norm = np.empty((P, E)), np.empty((P, E)), np.empty((P, E))
+        abs_g = _blocks(net, scratch, "scratch")
+        for k, (g, w) in enumerate(zip(_grad_blocks(net), _blocks(net, flat_w, "params"))):
+            grad_norm[k] = np.vecdot(g, g)
+            weight_norm[k] = np.vecdot(w, w)
+            grad_l1[k] = np.add.reduce(np.abs(g, out=abs_g[k]), axis=1)
+        grad_norm, weight_norm = np.sqrt(grad_norm), np.sqrt(weight_norm)
     return _assemble(net, E, grad_norm, grad_l1, weight_norm, per_layer)
 
 
