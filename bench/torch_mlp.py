@@ -85,23 +85,25 @@ class TorchMLP(nn.Module):
         self.spec, self.loss = spec, losses.get(loss)
         self.torch_dtype, self.device = getattr(torch, dtype), torch.device(device)
         self.names = [name for name, *_ in spec.params()]
+        # every parameter is a view into one flat buffer (as in the NumPy network): statistics and snapshots
+        # then read all parameters at once; updates stay in place, so the views stay valid. Each initial
+        # array is cast straight into its view: one pass, no intermediate copy in this dtype
+        sizes = [np.size(params[name]) for name in self.names]
+        self.flat_params = torch.empty(sum(sizes), dtype=self.torch_dtype, device=self.device)
         per_layer: list[dict] = [{} for _ in range(spec.n_layers)]
-        for name in self.names:
+        off = 0
+        for name, size in zip(self.names, sizes):
             _, i, kind = name.split(".")
-            per_layer[int(i)][kind] = self.asarray(params[name])
+            src = np.asarray(params[name])
+            view = self.flat_params[off:off + size].view(src.shape)
+            view.copy_(torch.from_numpy(src if src.flags.writeable else src.copy()))  # from_numpy shares memory
+            per_layer[int(i)][kind] = view
+            off += size
         self.layers = nn.ModuleList(TorchLayer(spec, i, arrays) for i, arrays in enumerate(per_layer))
         self.params = dict(self.named_parameters())
         assert list(self.params) == self.names, "parameter order must mirror NetSpec.params()"
-        # every parameter becomes a view into one flat buffer (as in the NumPy network): statistics and
-        # snapshots then read all parameters at once; updates stay in place, so the views stay valid
-        self.flat_params = torch.empty(sum(p.numel() for p in self.params.values()), dtype=self.torch_dtype,
-                                       device=self.device)
-        off = 0
-        for p in self.params.values():
-            view = self.flat_params[off:off + p.numel()].view_as(p)
-            view.copy_(p.detach())
-            p.data = view
-            off += p.numel()
+        assert all(p.untyped_storage().data_ptr() == self.flat_params.untyped_storage().data_ptr()
+                   for p in self.params.values()), "parameters must be views of flat_params"
 
     def asarray(self, a) -> torch.Tensor:
         # always a copy: torch.as_tensor would share memory with the caller's init arrays and train them

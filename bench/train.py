@@ -18,6 +18,7 @@ its parameters are zeroed so it cannot spread NaN; the other members go on untou
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -31,6 +32,29 @@ BACKENDS = ("numpy", "torch")
 # A loss this large has diverged even if it is still finite: it means outputs ~1e15, past float32's
 # range once squared, and near float64's, where inf - inf makes the two backends' NaNs differ.
 DIVERGED_LOSS = 1e30
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc keep freed memory for reuse (once per process; False where it is not glibc's).
+
+    By default glibc returns the top of its heap to the system once more than a few MB there are free
+    (a threshold that follows the largest block freed so far), and a later allocation faults those pages
+    back in, zeroed by the kernel, at some microseconds per 4 KiB page on this VM. A wide net frees and
+    reallocates tens of MB each training call (the float32 copies of the initial parameters, the flat
+    buffers, the optimizer's state) and its per-layer arrays every step: measured at w512 d10, ~10,000 page
+    faults per 10-step call, about 3 ms per step. Fixed thresholds keep up to 256 MB of freed heap and
+    serve blocks up to 32 MB (glibc's largest mmap threshold) from it; larger blocks are still mapped and
+    unmapped on their own, so a large ensemble's memory goes back to the system when it is freed.
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): its allocator's defaults stand
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    return bool(mallopt(m_trim_threshold, 256 << 20)) and bool(mallopt(m_mmap_threshold, 32 << 20))
 
 
 def make_network(backend: str, spec: NetSpec, params: dict[str, np.ndarray], train: TrainSpec):
@@ -47,26 +71,41 @@ def make_network(backend: str, spec: NetSpec, params: dict[str, np.ndarray], tra
     raise ValueError(f"backend={backend!r}; valid choices: {', '.join(BACKENDS)}")
 
 
+# The flat update runs over the parameters in chunks of this many bytes per array: each chunk's few
+# passes (velocity, gradient, parameter, scratch) then stay in cache, where whole-buffer passes would read
+# and write every array from memory once per pass (a wide net's buffers are tens of MB). Every rule is
+# elementwise, so chunking changes no bit of the result (tests/test_adam.py checks it).
+CHUNK_BYTES = 1 << 19
+
+
 class Optimizer:
     """Per-parameter state arrays (`SLOTS`, same type and shape as the parameters) and the update.
 
     Applied in one of two ways: over the NumPy network's flat buffers (every parameter at once, the
-    state arrays views of one flat buffer each, laid out like the parameters), or with torch's
-    multi-tensor `_foreach` ops. Every rule here is elementwise, so ensemble members never mix.
-    `state` {slot: {name: array}} and `t` (updates applied so far) are what a checkpoint saves.
+    state arrays views of one flat buffer each, laid out like the parameters, in chunks of CHUNK_BYTES),
+    or with torch's multi-tensor `_foreach` ops. Every rule here is elementwise, so ensemble members never
+    mix. `state` {slot: {name: array}} and `t` (updates applied so far) are what a checkpoint saves.
     """
 
     SLOTS: tuple[str, ...] = ()
 
-    def __init__(self, net):
+    def __init__(self, net, chunk_bytes: int = CHUNK_BYTES):
         self.flat = net.xp is np
         self.t = 0
         if self.flat:
             self.flat_p, self.flat_g = net.flat_params, net.flat_grads
-            self.tmp = np.empty_like(self.flat_p)
-            self.flat_state = {s: np.zeros_like(self.flat_p) for s in self.SLOTS}
+            n, dtype = self.flat_p.size, self.flat_p.dtype
+            # np.zeros, not zeros_like: fresh zero pages from the allocator, not a pass writing zeros
+            self.flat_state = {s: np.zeros(n, dtype) for s in self.SLOTS}
             self.state = {s: {k: buf[_offset(self.flat_p, p):][:p.size].reshape(p.shape)
                               for k, p in net.params.items()} for s, buf in self.flat_state.items()}
+            size = max(1, chunk_bytes // dtype.itemsize)
+            self.tmp = np.empty(min(n, size), dtype)  # scratch for one chunk
+            # (parameters, gradients, (state per slot), scratch) of each chunk: views, made once; the
+            # buffers are only ever updated in place (here, load_state, reset_member, a checkpoint's restore)
+            self.chunks = [(self.flat_p[i:i + size], self.flat_g[i:i + size],
+                            tuple(buf[i:i + size] for buf in self.flat_state.values()), self.tmp[:min(size, n - i)])
+                           for i in range(0, n, size)]
         else:
             import torch
 
@@ -78,9 +117,12 @@ class Optimizer:
         """One update from `grads`, then the 1986 weight decay: every parameter shrinks by (1 - weight_decay)."""
         self.t += 1
         if self.flat:
-            self._flat_step(lr, momentum)
-            if weight_decay:
-                self.flat_p *= 1.0 - weight_decay
+            scalars = self._flat_scalars(lr, momentum)
+            decay = 1.0 - weight_decay
+            for p, g, state, tmp in self.chunks:
+                self._flat_step(p, g, state, tmp, scalars)
+                if weight_decay:
+                    p *= decay
             return
         import torch
 
@@ -88,6 +130,10 @@ class Optimizer:
             self._foreach_step([grads[k] for k in params], lr, momentum)
             if weight_decay:
                 torch._foreach_mul_(self.p_list, 1.0 - weight_decay)
+
+    def _flat_scalars(self, lr: float, momentum: float) -> tuple:
+        """What the update of every chunk needs, computed once per step."""
+        return lr, momentum
 
     def load_state(self, saved: dict) -> None:
         """Set `t` and every state array, in place, from {"t": t, slot: {name: array}}: a checkpoint's
@@ -117,12 +163,14 @@ class SGD(Optimizer):
 
     SLOTS = ("velocity",)
 
-    def _flat_step(self, lr: float, momentum: float) -> None:
-        v = self.flat_state["velocity"]
+    @staticmethod
+    def _flat_step(p, g, state, tmp, scalars) -> None:
+        """One chunk: p, g, the velocity and the scratch are equal-length slices of the flat buffers."""
+        (v,), (lr, momentum) = state, scalars
         v *= momentum
-        np.multiply(self.flat_g, lr, out=self.tmp)
-        v -= self.tmp
-        self.flat_p += v
+        np.multiply(g, lr, out=tmp)
+        v -= tmp
+        p += v
 
     def _foreach_step(self, g_list: list, lr: float, momentum: float) -> None:
         import torch
@@ -148,8 +196,8 @@ class Adam(Optimizer):
 
     SLOTS = ("m", "v")
 
-    def __init__(self, net, beta1: float, beta2: float, eps: float):
-        super().__init__(net)
+    def __init__(self, net, beta1: float, beta2: float, eps: float, chunk_bytes: int = CHUNK_BYTES):
+        super().__init__(net, chunk_bytes)
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
 
     def _scalars(self, lr: float) -> tuple[float, float]:
@@ -157,22 +205,26 @@ class Adam(Optimizer):
         t = float(self.t)
         return (lr / (1 - self.beta1 ** t)) * -1, (1 - self.beta2 ** t) ** 0.5
 
-    def _flat_step(self, lr: float, momentum: float) -> None:
-        m, v, tmp, g = self.flat_state["m"], self.flat_state["v"], self.tmp, self.flat_g
-        neg_step, bc2_sqrt = self._scalars(lr)
+    def _flat_scalars(self, lr: float, momentum: float) -> tuple:
+        return (*self._scalars(lr), 1 - self.beta1, self.beta2, 1 - self.beta2, self.eps)
+
+    @staticmethod
+    def _flat_step(p, g, state, tmp, scalars) -> None:
+        """One chunk: p, g, the moments and the scratch are equal-length slices of the flat buffers."""
+        (m, v), (neg_step, bc2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps) = state, scalars
         np.subtract(g, m, out=tmp)
-        tmp *= 1 - self.beta1
+        tmp *= one_minus_beta1
         m += tmp
-        v *= self.beta2
-        np.multiply(g, 1 - self.beta2, out=tmp)
+        v *= beta2
+        np.multiply(g, one_minus_beta2, out=tmp)
         tmp *= g
         v += tmp
         np.sqrt(v, out=tmp)
         tmp /= bc2_sqrt
-        tmp += self.eps
+        tmp += eps
         np.divide(m, tmp, out=tmp)
         tmp *= neg_step
-        self.flat_p += tmp
+        p += tmp
 
     def _foreach_step(self, g_list: list, lr: float, momentum: float) -> None:
         import torch
@@ -314,6 +366,7 @@ def train(task: Task, spec: NetSpec, tspec: TrainSpec, params: dict[str, np.ndar
     streams rows out in parts; the returned steps/layers then hold only the rows not yet streamed.
     """
     t0 = time.perf_counter()
+    keep_freed_memory()
     E = len(seeds)
     net = make_network(backend, spec, params, tspec)
     data = LoggedMetrics(net, task, spec, tspec, record)

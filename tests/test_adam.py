@@ -204,3 +204,63 @@ def test_lockstep_catches_an_optimizer_slip(monkeypatch):
     table = _lockstep("adam").set_index(["step", "quantity"])["max_rel_diff"]
     assert table[(0, "grad_norm")] <= 1e-12
     assert table.xs("update_norm", level="quantity").max() > 1e-9
+
+
+# ---- the flat update in chunks -------------------------------------------------------------------------
+def _whole_buffer_step(rule, p, g, state, lr, momentum, weight_decay, scalars):
+    """The update over whole buffers, as the flat step was written before it ran in chunks."""
+    if rule == "sgd":
+        (v,) = state
+        v *= momentum
+        v -= g * lr
+        p += v
+    else:
+        m, v = state
+        neg_step, bc2_sqrt = scalars
+        m += (g - m) * (1 - BETAS["adam_beta1"])
+        v *= BETAS["adam_beta2"]
+        v += g * (1 - BETAS["adam_beta2"]) * g
+        p += m / (np.sqrt(v) / bc2_sqrt + BETAS["adam_eps"]) * neg_step
+    if weight_decay:
+        p *= 1.0 - weight_decay
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("rule", ["sgd", "adam"])
+def test_chunked_flat_step_equals_whole_buffer_step_bit_for_bit(dtype, rule):
+    """The NumPy update runs over the flat buffers in chunks (bench.train.CHUNK_BYTES); every rule is
+    elementwise, so the result must be the whole-buffer arithmetic's to the bit, in either dtype, with a
+    last chunk shorter than the others, and the state views must still be the flat state's."""
+    from types import SimpleNamespace
+
+    from bench.train import SGD
+
+    rng = np.random.default_rng(7)
+    shapes = {"a": (2, 7, 13), "b": (2, 1, 13), "c": (2, 13, 3)}  # 286 entries: 8 chunks of 32 and one of 30
+    n = sum(int(np.prod(s)) for s in shapes.values())
+
+    def fake_net():
+        flat_p, flat_g = rng.standard_normal(n).astype(dtype), np.zeros(n, dtype)
+        offs = np.cumsum([0] + [int(np.prod(s)) for s in shapes.values()])
+        params = {k: flat_p[o:o + int(np.prod(s))].reshape(s) for (k, s), o in zip(shapes.items(), offs)}
+        return SimpleNamespace(xp=np, flat_params=flat_p, flat_grads=flat_g, params=params)
+
+    net = fake_net()
+    betas = {k.removeprefix("adam_"): v for k, v in BETAS.items()}
+    make = (lambda chunk: SGD(net, chunk)) if rule == "sgd" else (lambda chunk: Adam(net, **betas, chunk_bytes=chunk))
+    opt = make(32 * np.dtype(dtype).itemsize)
+    assert len(opt.chunks) == 9 and opt.chunks[-1][0].size == 30
+    p_ref = net.flat_params.copy()
+    state_ref = [np.zeros(n, dtype) for _ in opt.SLOTS]
+    lr, momentum, weight_decay = 0.05, 0.9, 1e-3
+    for _ in range(6):
+        net.flat_grads[...] = rng.standard_normal(n).astype(dtype)
+        opt.step(net.params, None, lr, momentum, weight_decay)
+        scalars = opt._scalars(lr) if rule == "adam" else None
+        _whole_buffer_step(rule, p_ref, net.flat_grads, state_ref, lr, momentum, weight_decay, scalars)
+    uint = np.uint64 if dtype == np.float64 else np.uint32
+    assert np.array_equal(net.flat_params.view(uint), p_ref.view(uint))  # bits, not values: -0 == 0 too
+    for slot, ref in zip(opt.SLOTS, state_ref):
+        assert np.array_equal(opt.flat_state[slot].view(uint), ref.view(uint)), slot
+        for name, view in opt.state[slot].items():
+            assert np.shares_memory(view, opt.flat_state[slot]) and view.shape == shapes[name]
