@@ -205,11 +205,12 @@ class NumpyMLP:
     parameter: on tiny nets per-operation overhead, not arithmetic, sets the speed.
     """
 
-    def __init__(self, spec: NetSpec, params: dict[str, np.ndarray], loss: str):
+    def __init__(self, spec: NetSpec, params: dict[str, np.ndarray], loss: str, dtype=None):
+        """`params` are copied into the flat buffers, cast to `dtype` on the way (default: theirs)."""
         spec.check()
         self.spec = spec
         self.names = [name for name, *_ in spec.params()]
-        dtype = np.asarray(params[self.names[0]]).dtype
+        dtype = np.dtype(dtype) if dtype is not None else np.asarray(params[self.names[0]]).dtype
         sizes = [np.asarray(params[name]).size for name in self.names]
         self.flat_params = np.empty(sum(sizes), dtype)
         self.flat_grads = np.zeros(sum(sizes), dtype)

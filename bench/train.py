@@ -63,7 +63,7 @@ def make_network(backend: str, spec: NetSpec, params: dict[str, np.ndarray], tra
 
         if train.device != "cpu":
             raise ValueError(f"train.device={train.device!r}: the numpy backend runs on cpu only")
-        return NumpyMLP(spec, {k: v.astype(train.dtype) for k, v in params.items()}, train.loss)
+        return NumpyMLP(spec, params, train.loss, train.dtype)  # cast on the copy into its flat buffers
     if backend == "torch":
         from bench.torch_mlp import TorchMLP
 
