@@ -27,10 +27,6 @@ PARAM_STATS = ("grad_norm", "grad_mean_abs", "weight_norm")
 LAYER_STATS = ("delta_norm", "act_mean", "act_std", "act_saturation")
 UPDATE_STATS = ("update_norm", "update_ratio")
 STATS = PARAM_STATS + LAYER_STATS + UPDATE_STATS
-# Per member, nets with at least this many parameters reduce each parameter's block on its own (one pass
-# per sum of squares, no squared temporary); smaller ones reduce the whole flat buffers at once (fewer
-# calls: for them a call costs more than a pass). Either way the path follows from the net, not from E.
-BLOCKWISE = 32768
 
 
 def row_layout(spec):
@@ -71,10 +67,7 @@ def update_stats(net, before, stats: np.ndarray) -> None:
         u = _device_norms(_segments(net, before), 2).cpu().numpy()
     else:
         np.subtract(flat, before, out=before)
-        if flat.size // E < BLOCKWISE:
-            u = np.sqrt(np.add.reduceat(np.multiply(before, before, out=before), _segment_starts(net, E)))
-        else:
-            u = np.sqrt(np.stack([np.vecdot(d, d) for d in _blocks(net, before, "before")]))
+        u = np.sqrt(np.add.reduceat(np.multiply(before, before, out=before), _segment_starts(net, E)))
     j = STATS.index("update_norm")
     w = stats[:, :, STATS.index("weight_norm")]
     stats[:, :, j] = u.reshape(-1, E)
@@ -96,29 +89,6 @@ def _flat_params(net):
     if view is None:
         view = net._flat_np = net.flat_params.numpy()  # shares memory: always the current parameters
     return view
-
-
-def _blocks(net, flat, key: str) -> list[np.ndarray]:
-    """Each parameter's (E, n) block of a flat NumPy buffer laid out like the parameters (cached on the
-    network under `key`: the views stay valid as the buffer is updated in place)."""
-    cache = net.__dict__.setdefault("_blocks", {})
-    if key not in cache:
-        E, off, views = net.params[net.names[0]].shape[0], 0, []
-        for name in net.names:
-            n = int(np.prod(net.params[name].shape[1:]))
-            views.append(flat[off:off + E * n].reshape(E, n))
-            off += E * n
-        cache[key] = views
-    return cache[key]
-
-
-def _grad_blocks(net) -> list[np.ndarray]:
-    """Each parameter's gradient as an (E, n) NumPy array: views of the NumPy network's flat gradient
-    buffer; a CPU torch network's gradient tensors read in place (autograd gives each its own)."""
-    if net.xp is np:
-        return _blocks(net, net.flat_grads, "grads")
-    E = net.params[net.names[0]].shape[0]
-    return [p.grad.numpy().reshape(E, -1) for p in net.params.values()]
 
 
 def _flat_grads(net) -> np.ndarray:
@@ -147,9 +117,10 @@ def _scratch(net, key, shape, dtype) -> np.ndarray:
 
 
 def host_layer_stats(net) -> np.ndarray:
-    """The statistics in NumPy, from the layers' caches and the parameter and gradient arrays (either network
-    on the CPU), in as few passes over memory as NumPy allows: every sum of squares is one `vecdot` pass over
-    a parameter's (E, n) block (no squared temporary), intermediates go into buffers kept on the network."""
+    """The statistics in NumPy, from the layers' caches and the flat parameter and gradient buffers (either
+    network on the CPU), in few NumPy calls: per layer raw sums (divided and rooted once for all layers), per
+    parameter one `reduceat` over all (parameter, member) segments; intermediates go into buffers kept on
+    the network (no allocation per logged step)."""
     E = net.params[net.names[0]].shape[0]
     torch_net = net.xp is not np
     # per layer and member: sum dz^2, sum h, sum (h - mean)^2, saturated count; divided and rooted at the end
@@ -182,23 +153,13 @@ def host_layer_stats(net) -> np.ndarray:
     per_layer[:, :, 1] = sums[1] / counts
     per_layer[:, :, 2] = np.sqrt(sums[2] / counts)
     per_layer[:, :, 3] = sums[3] / counts
-    flat_w = _flat_params(net)
+    # every (parameter, member) segment of the flat buffers at once: one reduceat per statistic, squares and
+    # absolute values through one buffer kept on the network
+    starts, flat_g, flat_w = _segment_starts(net, E), _flat_grads(net), _flat_params(net)
     scratch = _scratch(net, "flat", flat_w.shape, flat_w.dtype)
-    if flat_w.size // E < BLOCKWISE:  # a small net: the whole buffers in few calls (passes over cache are cheap)
-        starts = _segment_starts(net, E)
-        flat_g = _flat_grads(net)
-        grad_l1 = np.add.reduceat(np.abs(flat_g, out=scratch), starts)
-        grad_norm = np.sqrt(np.add.reduceat(np.multiply(flat_g, flat_g, out=scratch), starts))
-        weight_norm = np.sqrt(np.add.reduceat(np.multiply(flat_w, flat_w, out=scratch), starts))
-    else:  # a large one: one pass per sum of squares, each parameter's (E, n) block in place
-        P = len(net.names)
-        grad_norm, grad_l1, weight_norm = np.empty((P, E)), np.empty((P, E)), np.empty((P, E))
-        abs_g = _blocks(net, scratch, "scratch")
-        for k, (g, w) in enumerate(zip(_grad_blocks(net), _blocks(net, flat_w, "params"))):
-            grad_norm[k] = np.vecdot(g, g)
-            weight_norm[k] = np.vecdot(w, w)
-            grad_l1[k] = np.add.reduce(np.abs(g, out=abs_g[k]), axis=1)
-        grad_norm, weight_norm = np.sqrt(grad_norm), np.sqrt(weight_norm)
+    grad_l1 = np.add.reduceat(np.abs(flat_g, out=scratch), starts)
+    grad_norm = np.sqrt(np.add.reduceat(np.multiply(flat_g, flat_g, out=scratch), starts))
+    weight_norm = np.sqrt(np.add.reduceat(np.multiply(flat_w, flat_w, out=scratch), starts))
     return _assemble(net, E, grad_norm, grad_l1, weight_norm, per_layer)
 
 

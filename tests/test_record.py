@@ -1,8 +1,7 @@
 """The fused per-layer statistics (bench.record) against a reference written from their definitions.
 
-`layer_stats` reduces every (parameter, member) segment of flat buffers at once (or, for large nets, each
-parameter's (E, n) block in one pass), gathers a CPU torch network's gradients into one buffer, and on a
-GPU uses multi-tensor norms; the reference here takes each
+`layer_stats` reduces every (parameter, member) segment of flat buffers at once, gathers a CPU torch
+network's gradients into one buffer, and on a GPU uses multi-tensor norms; the reference here takes each
 parameter, member and layer one at a time with np.linalg.norm / np.mean / np.std, in float64. Both sum the
 same float64 numbers in different orders, so they agree to rounding: 1e-12 relative is ~1e4 ulps, room
 for the different summation orders of up to a few thousand terms, and far below any real discrepancy
@@ -14,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench import record
 from bench.activations import SATURATED
 from bench.init import init_params
 from bench.record import STATS, device_layer_stats, host_layer_stats, layer_stats, row_layout, snapshot, update_stats
@@ -98,19 +96,10 @@ class _nullcontext:
         return False
 
 
-@pytest.fixture(params=["whole buffers", "blockwise"])
-def path(request, monkeypatch):
-    """Both ways the host path reduces parameters and gradients: the whole flat buffers at once (small nets)
-    or each parameter's block (nets of BLOCKWISE parameters or more per member, forced here by a 0 threshold)."""
-    if request.param == "blockwise":
-        monkeypatch.setattr(record, "BLOCKWISE", 0)
-    return request.param
-
-
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
 @pytest.mark.parametrize("name", list(NETS))
 @pytest.mark.parametrize("E", [1, 3])
-def test_fused_statistics_equal_the_reference(backend, name, E, path):
+def test_fused_statistics_equal_the_reference(backend, name, E):
     net, _ = _net_after_a_step(backend, name, E)
     got, want = layer_stats(net), reference_stats(net, E)
     assert got.shape == want.shape == (len(net.names), E, len(STATS))
@@ -130,7 +119,7 @@ def test_fused_statistics_equal_the_reference(backend, name, E, path):
 
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
 @pytest.mark.parametrize("E", [1, 3])
-def test_update_statistics_equal_the_parameter_difference(backend, E, path):
+def test_update_statistics_equal_the_parameter_difference(backend, E):
     net, tspec = _net_after_a_step(backend, "tanh plain", E)
     stats = layer_stats(net)
     w0 = {k: net.to_numpy(v).copy() for k, v in net.params.items()}
