@@ -93,15 +93,9 @@ def _flat_params(net):
 
 def _flat_grads(net) -> np.ndarray:
     """The gradients as one flat NumPy buffer in parameter order: the NumPy network's own; a CPU torch
-    network's `flat_grads` where its backward pass wrote them there (a recorded step), else gathered by one
-    concatenation into a buffer kept on the network."""
+    network's gathered by one concatenation into a buffer kept on the network."""
     if net.xp is np:
         return net.flat_grads
-    if net.grads_in_flat and all(p.grad is g for p, g in zip(net.params.values(), net._grad_views)):
-        view = getattr(net, "_flat_grads_np", None)
-        if view is None:
-            view = net._flat_grads_np = net.flat_grads.numpy()  # shares memory, zeroed in place each step
-        return view
     buf = _scratch(net, "grads", net.flat_params.shape, _flat_params(net).dtype)
     return np.concatenate([p.grad.numpy().reshape(-1) for p in net.params.values()], out=buf)
 

@@ -101,9 +101,6 @@ class TorchMLP(nn.Module):
             off += size
         self.layers = nn.ModuleList(TorchLayer(spec, i, arrays) for i, arrays in enumerate(per_layer))
         self.params = dict(self.named_parameters())
-        # at steps whose statistics are recorded the gradients land in one flat buffer laid out like
-        # flat_params (made on first use), so bench.record reads them whole, without gathering them
-        self.flat_grads, self._grad_views, self.grads_in_flat = None, None, False
         assert list(self.params) == self.names, "parameter order must mirror NetSpec.params()"
         assert all(p.untyped_storage().data_ptr() == self.flat_params.untyped_storage().data_ptr()
                    for p in self.params.values()), "parameters must be views of flat_params"
@@ -141,7 +138,8 @@ class TorchMLP(nn.Module):
         engines' output deltas differ relatively by ~1e-4 though both are right; starting both backward
         passes from one delta keeps the comparison of the rest of the backward pass sharp.
         """
-        self._prepare_grads(self.record_deltas)
+        for p in self.params.values():
+            p.grad = None
         y = self.forward(x, train=True)
         out = self.layers[-1]
         losses = self.loss.value(y, d, out.n, torch)
@@ -155,34 +153,14 @@ class TorchMLP(nn.Module):
             out.z.backward(self.asarray(output_delta))
         return losses.detach(), y.detach()
 
-    def _prepare_grads(self, flat: bool) -> None:
-        """Start the backward pass from no gradients: autograd then hands each parameter its own new
-        gradient tensor; or (flat) from zeroed views of `flat_grads`, which autograd adds into in place
-        (0 + g = g), one memset for the whole network."""
-        self.grads_in_flat = flat
-        if not flat:
-            for p in self.params.values():
-                p.grad = None
-            return
-        if self.flat_grads is None:
-            self.flat_grads, self._grad_views, off = torch.zeros_like(self.flat_params), [], 0
-            for p in self.params.values():
-                self._grad_views.append(self.flat_grads[off:off + p.numel()].view(p.shape))
-                off += p.numel()
-        else:
-            self.flat_grads.zero_()
-        for p, g in zip(self.params.values(), self._grad_views):
-            p.grad = g
-
     @property
     def record_deltas(self) -> bool:
         return self.layers[0].keep_delta
 
     @record_deltas.setter
     def record_deltas(self, on: bool) -> None:
-        """Whether the next backward pass keeps dLoss/dz of every layer (the delta statistic) and writes the
-        gradients into `flat_grads`. The training loop switches it off at steps whose statistics are not
-        recorded: retaining costs a copy per layer, and the flat buffer a memset and an add per gradient."""
+        """Whether the next backward pass keeps dLoss/dz of every layer (the delta statistic). The training
+        loop switches it off at steps whose statistics are not recorded: retaining costs a copy per layer."""
         for layer in self.layers:
             layer.keep_delta = on
 

@@ -149,33 +149,3 @@ def test_the_host_path_reads_a_torch_network_in_place():
     np.testing.assert_array_equal(second[1:, :, 2], first[1:, :, 2])
     flat = net.flat_params
     assert all(p.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for p in net.params.values())
-
-
-def test_a_torch_network_records_its_gradients_in_one_flat_buffer():
-    """At a recorded step (record_deltas) a CPU torch network's gradients are views of `flat_grads`, which
-    the statistics read whole; they equal the gradients of an unrecorded step (autograd's own tensors) to
-    the bit. Where a gradient is not in the buffer (replaced after the backward pass), the statistics
-    gather the current ones instead and still equal the reference."""
-    net, _ = _net_after_a_step("torch", "block-diagonal first layer", 2)
-    flat = net.flat_grads.numpy()
-    for p, g in zip(net.params.values(), net._grad_views):
-        assert p.grad is g and p.grad.untyped_storage().data_ptr() == net.flat_grads.untyped_storage().data_ptr()
-    spec, _ = NETS["block-diagonal first layer"]
-    rng = np.random.default_rng(1)
-    x, d = rng.standard_normal((2, 8, spec.n_in)), rng.uniform(0.1, 0.9, (2, 8, spec.n_out))
-    recorded = None
-    for on in (True, False, True):
-        net.record_deltas = on
-        net.loss_and_grads(net.asarray(x), net.asarray(d))
-        grads = np.concatenate([p.grad.numpy().ravel() for p in net.params.values()])
-        if on:
-            np.testing.assert_array_equal(flat, grads)  # the buffer is the gradients
-            recorded = grads
-        else:
-            assert all(p.grad is not g for p, g in zip(net.params.values(), net._grad_views))
-            np.testing.assert_array_equal(grads, recorded)  # same step, same parameters: the same bits
-    with torch.no_grad():
-        for p in net.params.values():
-            p.grad = p.grad * 3.0  # new tensors, outside the flat buffer
-    got, want = host_layer_stats(net), reference_stats(net, 2)
-    np.testing.assert_allclose(got[:, :, :3], want[:, :, :3], rtol=RTOL, atol=0)
