@@ -71,15 +71,19 @@ class Suite:
 
 def interleaved(fns: dict, repeats: int, warmup: bool = True, clock=time.perf_counter) -> dict[str, list[float]]:
     """Seconds of each callable by `clock` (wall by default; time.process_time for CPU seconds, which
-    a neighbour's job on a shared machine does not add to), `repeats` rounds, variants interleaved
-    within each round, in reverse order every other round (so that going first or last in a round
-    favours no variant). times[k][r] of two variants come from the same round r: a pair."""
+    a neighbour's job on a shared machine does not add to; None: each callable returns its own seconds),
+    `repeats` rounds, variants interleaved within each round, in reverse order every other round (so that
+    going first or last in a round favours no variant). times[k][r] of two variants come from the same
+    round r: a pair."""
     if warmup:
         for f in fns.values():
             f()
     times = {k: [] for k in fns}
     for r in range(repeats):
         for k, f in (fns.items() if r % 2 == 0 else reversed(fns.items())):
+            if clock is None:
+                times[k].append(f())
+                continue
             t0 = clock()
             f()
             times[k].append(clock() - t0)
@@ -117,6 +121,18 @@ def _with_threads(n: int, fn) -> None:
 def _trainer(task, spec, tspec, params, backend, record=True):
     """A zero-argument callable that trains seed 0 once: what `interleaved` times."""
     return functools.partial(train, task, spec, tspec, params, backend, [0], record=record)
+
+
+def _steps_timer(task, spec, tspec, params, backend, record=True):
+    """A zero-argument callable that trains seed 0 once and returns the CPU seconds of its steps 1 .. N: from
+    the log at step 0 to the log at the last step (tspec logs every step), N whole steps, without the
+    set-up (building the network, casting the data) that both variants of a pair share."""
+    def run() -> float:
+        stamps = []
+        train(task, spec, tspec, params, backend, [0], record=record,
+              on_log=lambda step, loss: stamps.append(time.process_time()))
+        return stamps[-1] - stamps[0]
+    return run
 
 
 # ---------------------------------------------------------------------------------------------- P1
@@ -266,24 +282,25 @@ def p2(s: Suite):
 def p3(s: Suite):
     """Recording statistics at every step vs not (the loss, accuracy and test metrics are measured at every
     step either way), in CPU seconds of one thread: the difference is small against the step, so wall time
-    on a shared machine would drown it. Short runs in many rounds, on and off side by side in each: the
-    overhead is the median over rounds of on / off - 1, so a slow stretch of the machine, which slows
-    both runs of its round alike, cancels."""
+    on a shared machine would drown it. Short runs in many rounds, on and off side by side in each, timed
+    from the first logged step to the last (the set-up they share left out, where it would dilute the
+    difference): the overhead is the median over rounds of on / off - 1, so a slow stretch of the machine,
+    which slows both runs of its round alike, cancels; short runs keep the two of a pair close in time."""
     from threadpoolctl import threadpool_limits
 
     widths = (16, 64) if s.quick else (16, 64, 256)
-    rounds = s.repeats if s.quick else max(3 * s.repeats, 15)
+    rounds = s.repeats if s.quick else max(6 * s.repeats, 15)
     task = make_task("digits")
     for width in widths:
-        steps = 20 if s.quick else (50 if width < 256 else 12)
+        steps = 10 if (s.quick or width >= 256) else 20
         spec = NetSpec(64, 10, (width,) * 4, "tanh", "softmax")
         tspec = TrainSpec(steps=steps, lr=0.05, momentum=0.9, batch_size=128, loss="cross_entropy", log_every=1)
         params = init_params(spec, "xavier", [0])
         for backend in ("numpy", "torch"):
             with torch_threads(1), threadpool_limits(1):
-                times = interleaved({"on": _trainer(task, spec, tspec, params, backend, record=True),
-                                     "off": _trainer(task, spec, tspec, params, backend, record=False)}, rounds,
-                                    clock=time.process_time)
+                times = interleaved({"on": _steps_timer(task, spec, tspec, params, backend, record=True),
+                                     "off": _steps_timer(task, spec, tspec, params, backend, record=False)},
+                                    rounds, clock=None)
             paired = np.asarray(times["on"]) / np.asarray(times["off"])
             over = np.median(paired) - 1
             q1, q3 = np.percentile(paired, [25, 75])
@@ -291,8 +308,8 @@ def p3(s: Suite):
             s.add("P3", f"digits 64-{width}x4-10 B128, record every step", backend, "overhead",
                   100 * over, "%", times["on"], ratio=1 + over, target=target, met=met,
                   note=f"median of {rounds} paired on/off rounds (quartiles {100 * (q1 - 1):+.1f}%, "
-                       f"{100 * (q3 - 1):+.1f}%); CPU on {np.median(times['on']):.3f}s vs off "
-                       f"{np.median(times['off']):.3f}s per {steps}-step run; 1 thread")
+                       f"{100 * (q3 - 1):+.1f}%); CPU on {1e3 * np.median(times['on']) / steps:.2f} ms vs off "
+                       f"{1e3 * np.median(times['off']) / steps:.2f} ms per step ({steps}-step runs); 1 thread")
 
 
 # ---------------------------------------------------------------------------------------------- P4

@@ -163,12 +163,14 @@ def test_update_norm_of_sgd_without_decay_is_lr_times_the_gradient_norm():
     assert _close(out.layers["update_norm"][s0], 0.5 * out.layers["grad_norm"][s0], 1e-12)
 
 
-def test_recording_off_leaves_training_unchanged():
-    """The copy taken for update_norm must not change the run: record=False trains to the same bits."""
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_recording_off_leaves_training_unchanged(backend):
+    """Recording must not change the run: record=False trains to the same bits (the copy taken for
+    update_norm; in torch also the dLoss/dz retained at recorded steps)."""
     task = make_task("xor")
     spec = NetSpec(2, 1, (4,), "sigmoid", "sigmoid")
     tspec = _adam(steps=30, lr=0.05, log_every=7)
-    a, b = (train(task, spec, tspec, init_params(spec, "normal", [0, 1]), "numpy", [0, 1], record=r)
+    a, b = (train(task, spec, tspec, init_params(spec, "normal", [0, 1]), backend, [0, 1], record=r)
             for r in (True, False))
     for name in a.params:
         assert np.array_equal(a.params[name], b.params[name]), name

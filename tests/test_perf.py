@@ -27,6 +27,35 @@ def test_quick_suite_writes_its_table(tmp_path):
     assert np.isfinite(back.loc[back["metric"] != "skipped", "value"]).all()
 
 
+def test_interleaved_pairs_rounds_and_alternates_the_order():
+    """Each round runs every variant once, first-to-last and then last-to-first; with clock=None the
+    callables' own returned seconds are the times (P3's step spans)."""
+    calls = []
+
+    def variant(name, seconds):
+        return lambda: (calls.append(name), seconds)[1]
+
+    times = perf.interleaved({"a": variant("a", 1.0), "b": variant("b", 2.0)}, 4, warmup=False, clock=None)
+    assert times == {"a": [1.0] * 4, "b": [2.0] * 4}
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]
+
+
+def test_steps_timer_times_the_steps_after_the_first_log():
+    """P3's timer: the CPU seconds from the log at step 0 to the log at the last step, positive and within
+    the whole call's (the set-up and step 0 are left out)."""
+    import time
+
+    task = make_task("xor")
+    spec = NetSpec(2, 1, (4,), "sigmoid", "sigmoid")
+    tspec = TrainSpec(steps=30, lr=0.5, log_every=1)
+    run = perf._steps_timer(task, spec, tspec, init_params(spec, "normal", [0]), "numpy", record=True)
+    for _ in range(3):
+        t0 = time.process_time()
+        span = run()
+        whole = time.process_time() - t0
+        assert 0 < span <= whole
+
+
 def test_unknown_case_is_named():
     with pytest.raises(ValueError, match="P9"):
         perf.run_suite(["P9"], quick=True)
