@@ -117,7 +117,7 @@ class Layer:
             hT = self.act.phi(nT, np)
         else:  # softmax normalises over the units: the (E, B, w) view
             hT = self.act.phi(nT.transpose(0, 2, 1), np).transpose(0, 2, 1)
-        self.aT, self.xT, self.zT, self.nT, self.hT = aT, xT, zT, nT, hT
+        self.aT, self.xT, self.zT, self.nT, self.hT, self.dphiT = aT, xT, zT, nT, hT, None
         if not self.residual:
             return hT
         return aT + hT if self.s is None else aT + self.s * hT
@@ -150,7 +150,9 @@ class Layer:
             np.sum(gradT * self.hT, axis=(1, 2), keepdims=True, out=self.dalpha)  # dalpha = sum_B,units grad * h
         if self.hidden:
             dhT = gradT if self.s is None else gradT * self.s  # dh^l = s grad (s = 1 but in scaled residual blocks)
-            dnT = dhT * self.act.dphi(self.nT, self.hT, np)  # dn^l = dh^l * phi'(n^l)
+            # dn^l = dh^l * phi'(n^l); phi'(n^l) is kept for the saturation statistic (bench.record)
+            self.dphiT = self.act.dphi(self.nT, self.hT, np)
+            dnT = dhT * self.dphiT
         else:
             dnT = delta_outT  # dn^L = delta_out
         if self.normed:

@@ -128,8 +128,10 @@ def host_layer_stats(net) -> np.ndarray:
     for li, layer in enumerate(net.layers):
         if torch_net:  # zero-copy NumPy views of the CPU tensors (force: detached, no copy on the CPU)
             n_, h_, delta_ = layer.n.numpy(force=True), layer.h.numpy(force=True), layer.z.grad.numpy()
-        else:  # the NumPy layers store (E, width, B): statistics over a member's entries read them as stored
-            n_, h_, delta_ = layer.nT, layer.hT, layer.deltaT
+            dphi_ = None
+        else:  # the NumPy layers store (E, width, B): statistics over a member's entries read them as stored;
+            # a hidden layer's backward pass kept phi'(n) (None where it did not compute it: the output layer)
+            n_, h_, delta_, dphi_ = layer.nT, layer.hT, layer.deltaT, layer.dphiT
         h, delta = h_.reshape(E, -1), delta_.reshape(E, -1)
         counts[li] = h.shape[1]
         sums[0, li] = np.vecdot(delta, delta)
@@ -142,7 +144,7 @@ def host_layer_stats(net) -> np.ndarray:
         if act.dphi_max is None:  # NaN where phi has no saturation statistic
             sums[3, li] = np.nan
         else:  # a count of a boolean buffer: no float copy of the mask
-            below = np.less(act.dphi(n_, h_, np), SATURATED * act.dphi_max,
+            below = np.less(act.dphi(n_, h_, np) if dphi_ is None else dphi_, SATURATED * act.dphi_max,
                             out=_scratch(net, ("below", li), h_.shape, np.bool_))
             # an integer count (exact whatever the order, so its path may follow E): for one member
             # count_nonzero, for many a sum of the boolean rows

@@ -149,3 +149,22 @@ def test_the_host_path_reads_a_torch_network_in_place():
     np.testing.assert_array_equal(second[1:, :, 2], first[1:, :, 2])
     flat = net.flat_params
     assert all(p.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for p in net.params.values())
+
+
+def test_numpy_saturation_reads_the_backward_passes_phi_prime():
+    """A NumPy hidden layer's backward pass keeps phi'(n), which the saturation statistic reads instead of
+    computing it again; a forward pass clears it (no stale phi' next to new activations), and the output
+    layer, whose phi' the backward does not form, has none. The statistics equal the reference either way."""
+    net, _ = _net_after_a_step("numpy", "sigmoid batchnorm", 2)
+    for layer in net.layers[:-1]:
+        np.testing.assert_array_equal(layer.dphiT, layer.act.dphi(layer.nT, layer.hT, np))
+    assert net.layers[-1].dphiT is None
+    got = layer_stats(net)
+    j = STATS.index("act_saturation")
+    np.testing.assert_allclose(got[:, :, j], reference_stats(net, 2)[:, :, j], rtol=RTOL, atol=0, equal_nan=True)
+    for layer in net.layers[:-1]:
+        layer.dphiT = np.zeros_like(layer.dphiT)  # phi' = 0 everywhere: every unit saturated
+    hidden_rows = [r for r, (layer, _) in enumerate(row_layout(net.spec)) if layer <= net.spec.depth]
+    assert (layer_stats(net)[hidden_rows, :, j] == 1).all()  # the kept phi' is what the statistic reads
+    net.forward(np.zeros((2, 8, net.spec.n_in)))
+    assert all(layer.dphiT is None for layer in net.layers)
